@@ -1,0 +1,40 @@
+"""The exceptions of presence-hub.
+
+The whole tree::
+
+    PresenceHubError
+    ├── StoreError               the store could not complete an operation
+    │   ├── StoreUnavailable     Redis did not answer; retry later
+    │   └── StoreContention      a user's state kept changing under a writer
+    └── EmbeddedRedisError       the embedded redis-server could not be started
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EmbeddedRedisError",
+    "PresenceHubError",
+    "StoreContention",
+    "StoreError",
+    "StoreUnavailable",
+]
+
+
+class PresenceHubError(Exception):
+    """Base class of every error raised by presence-hub."""
+
+
+class StoreError(PresenceHubError):
+    """The store could not complete an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis did not answer. Nothing was changed that the caller cannot retry."""
+
+
+class StoreContention(StoreError):
+    """A user's state changed under the writer more often than it retries."""
+
+
+class EmbeddedRedisError(PresenceHubError):
+    """The embedded redis-server could not be found or did not start."""

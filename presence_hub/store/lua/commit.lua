@@ -1,0 +1,41 @@
+-- Commits one user's transition, computed by the rules from the state read at
+-- revision ARGV[1], unless another writer committed in between (optimistic
+-- concurrency: the caller re-reads and retries). Publishes what changed.
+-- KEYS[1] - the user's hash: rev (integer), state (blob), view (presence frame)
+-- KEYS[2] - the timer bucket holding the user (sorted set: member -> due time)
+-- KEYS[3] - optional: the producer event's idempotency record
+-- ARGV[1] - the revision the transition was computed from (0 for a new user)
+-- ARGV[2] - the new state blob, or "" when the state itself did not change
+-- ARGV[3] - the new presence frame (observer view), or "" when it did not change
+-- ARGV[4] - the new self frame, or "" when it did not change
+-- ARGV[5] - the timer member (tenant:user)
+-- ARGV[6] - the next due time, or "" for none
+-- ARGV[7] - the presence channel
+-- ARGV[8] - the self channel
+-- ARGV[9] - with KEYS[3]: the event's result, to remember
+-- ARGV[10] - with KEYS[3]: how long to remember it, in seconds
+-- Returns the revision now stored, -1 on a conflict, -2 for a duplicate event.
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if rev ~= tonumber(ARGV[1]) then
+  return -1
+end
+if KEYS[3] and not redis.call('SET', KEYS[3], ARGV[9], 'NX', 'EX', ARGV[10]) then
+  return -2
+end
+if ARGV[2] ~= '' then
+  rev = rev + 1
+  redis.call('HSET', KEYS[1], 'rev', rev, 'state', ARGV[2])
+end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'view', ARGV[3])
+  redis.call('PUBLISH', ARGV[7], ARGV[3])
+end
+if ARGV[4] ~= '' then
+  redis.call('PUBLISH', ARGV[8], ARGV[4])
+end
+if ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+else
+  redis.call('ZREM', KEYS[2], ARGV[5])
+end
+return rev

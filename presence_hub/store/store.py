@@ -1,0 +1,188 @@
+"""Users' presence state in Redis: atomic transitions, publication and timers.
+
+A transition reads the user's state, runs the pure rules on it and commits the
+result with one Lua script that checks nobody committed in between (otherwise
+it re-reads and retries), stores the new state and observer view, publishes
+what changed on the user's channels, remembers a producer event's id and sets
+the user's next timer, all atomically. Any number of hub nodes and processes
+can therefore write the same user at once without losing an update, and
+subscribers receive each ``ver`` once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Final, Literal, TypeAlias, cast
+
+import msgpack
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from presence_hub import codec, rules
+from presence_hub.errors import StoreContention, StoreUnavailable
+from presence_hub.ids import TenantId, UserId
+from presence_hub.rules import Outcome, TimerFired, UserState, View
+from presence_hub.store import keys
+from presence_hub.store.serde import decode_state, encode_state
+
+__all__ = ["EVENT_TTL", "Applied", "EventResult", "PresenceStore"]
+
+log = logging.getLogger(__name__)
+
+EventResult: TypeAlias = Literal["applied", "stale", "duplicate"]
+
+#: Producer event ids are remembered this long (PROTOCOL.md: idempotency).
+EVENT_TTL: Final = 86400
+#: A claimed timer that its node never committed fires again after this long.
+CLAIM_RETRY: Final = 30.0
+_MAX_ATTEMPTS: Final = 64
+
+
+def _script(name: str) -> str:
+    return resources.files("presence_hub.store").joinpath("lua", name).read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    result: EventResult
+    #: What the rules made of the input; None for a duplicate event.
+    outcome: Outcome | None
+
+
+class PresenceStore:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        clock: Callable[[], float] = time.time,
+        event_ttl: int = EVENT_TTL,
+    ) -> None:
+        self.redis = redis
+        self._clock = clock
+        self._event_ttl = event_ttl
+        self._commit = redis.register_script(_script("commit.lua"))
+        self._claim = redis.register_script(_script("claim_timers.lua"))
+
+    async def load(self, tenant: TenantId, user: UserId) -> UserState:
+        try:
+            _, state = await self._read(tenant, user)
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return state
+
+    async def views(self, tenant: TenantId, users: Sequence[UserId]) -> list[View]:
+        """What observers see of each user; a user never seen is offline at ver 0."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for user in users:
+                    pipe.hget(keys.state_key(tenant, user), "view")
+                frames: list[bytes | None] = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [View() if f is None else _view_from_frame(f) for f in frames]
+
+    async def apply(
+        self,
+        tenant: TenantId,
+        user: UserId,
+        event: rules.Input,
+        *,
+        event_id: str | None = None,
+    ) -> Applied:
+        """Apply one input to one user, atomically; ``event_id`` makes it idempotent."""
+        try:
+            return await self._apply(tenant, user, event, event_id)
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def _apply(
+        self, tenant: TenantId, user: UserId, event: rules.Input, event_id: str | None
+    ) -> Applied:
+        state_key = keys.state_key(tenant, user)
+        event_key = keys.event_key(tenant, user, event_id) if event_id is not None else None
+        for attempt in range(_MAX_ATTEMPTS):
+            if event_key is not None and await self.redis.exists(event_key):
+                return Applied("duplicate", None)
+            rev, state = await self._read(tenant, user)
+            outcome = rules.apply(state, event, self._clock())
+            changed = outcome.state != state
+            # A timer must always commit: its claim moved the user's due time.
+            if not changed and event_key is None and not isinstance(event, TimerFired):
+                return Applied(outcome.result, outcome)
+            committed = await self._commit(
+                keys=[state_key, keys.timer_bucket(tenant, user)]
+                + ([event_key] if event_key is not None else []),
+                args=[
+                    rev,
+                    encode_state(outcome.state) if changed else b"",
+                    _pack(codec.presence_frame(user, outcome.view)) if outcome.view else b"",
+                    _pack(codec.self_frame(outcome.self_view)) if outcome.self_view else b"",
+                    keys.member(tenant, user),
+                    "" if outcome.due is None else repr(outcome.due),
+                    keys.presence_channel(tenant, user),
+                    keys.self_channel(tenant, user),
+                    outcome.result,
+                    self._event_ttl,
+                ],
+            )
+            if committed == -2:
+                return Applied("duplicate", None)
+            if committed >= 0:
+                return Applied(outcome.result, outcome)
+            if attempt >= 4:
+                # Many writers on one user: spread the retries out.
+                await asyncio.sleep(random.uniform(0, 0.001 * attempt))
+        raise StoreContention(f"{tenant}:{user} kept changing; gave up after {_MAX_ATTEMPTS} tries")
+
+    async def _read(self, tenant: TenantId, user: UserId) -> tuple[int, UserState]:
+        fields = await self.redis.hmget(keys.state_key(tenant, user), ["rev", "state"])
+        rev, blob = cast("list[bytes | None]", fields)
+        if rev is None or blob is None:
+            return 0, UserState()
+        return int(rev), decode_state(blob)
+
+    async def fire_due_timers(self, limit: int = 200) -> int:
+        """Fire every due timer this node can claim; returns how many it fired."""
+        now = self._clock()
+        fired = 0
+        try:
+            for bucket in keys.timer_buckets():
+                members: list[bytes] = await self._claim(
+                    keys=[bucket], args=[repr(now), limit, repr(now + CLAIM_RETRY)]
+                )
+                users = [keys.parse_member(m.decode()) for m in members]
+                await asyncio.gather(*(self._apply(t, u, TimerFired(), None) for t, u in users))
+                fired += len(users)
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return fired
+
+    async def run_timers(self, interval: float = 0.2) -> None:
+        """Fire due timers until cancelled; survives Redis outages."""
+        while True:
+            try:
+                fired = await self.fire_due_timers()
+            except StoreUnavailable as exc:
+                log.warning("timers paused: Redis unavailable (%s)", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except StoreContention as exc:
+                log.warning("timer deferred: %s", exc)
+                fired = 0
+            if not fired:
+                await asyncio.sleep(interval)
+
+
+def _pack(frame: object) -> bytes:
+    return msgpack.packb(frame)  # type: ignore[no-any-return]
+
+
+def _view_from_frame(frame: bytes) -> View:
+    p = msgpack.unpackb(frame)
+    return View(status=p["status"], message=p["message"], since=p["since"], ver=p["ver"])

@@ -1,0 +1,268 @@
+"""The Redis store against real redis-server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import msgpack
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from presence_hub.errors import StoreUnavailable
+from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.rules import (
+    CallStarted,
+    ManualStatusSet,
+    MessageSet,
+    SessionOpened,
+    SettingsChanged,
+    UserState,
+    View,
+)
+from presence_hub.store import EVENT_TTL, EmbeddedRedis, PresenceStore, keys
+from tests.utils import Clock, timeout
+
+ACME = TenantId("acme")
+ALICE = UserId("alice")
+DESK = SessionOpened(SessionId("s1"), "desktop", "node-a")
+
+
+@asynccontextmanager
+async def listening(redis: Redis, *channels: str) -> AsyncIterator[PubSub]:
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(*channels)
+    # Wait for the subscribe confirmations, so that nothing published later is missed.
+    for _ in channels:
+        await pubsub.get_message(timeout=timeout(5))
+    try:
+        yield pubsub
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def next_frame(pubsub: PubSub) -> dict[str, Any]:
+    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout(5))
+    assert message is not None, "nothing was published"
+    frame: dict[str, Any] = msgpack.unpackb(message["data"])
+    return frame
+
+
+async def test_state_survives_in_redis_and_unknown_users_are_offline(
+    store: PresenceStore, redis: Redis, clock: Clock
+) -> None:
+    await store.apply(ACME, ALICE, DESK)
+    await store.apply(ACME, ALICE, MessageSet("in the lab"))
+    reread = PresenceStore(redis, clock=clock)
+    state = await reread.load(ACME, ALICE)
+    assert state.message == "in the lab"
+    assert list(state.sessions) == ["s1"]
+    views = await reread.views(ACME, [ALICE, UserId("nobody")])
+    assert views == [View("available", "in the lab", clock.now, 2), View()]
+    assert await reread.load(ACME, UserId("nobody")) == UserState()
+
+
+async def test_changes_are_published_on_the_users_channels(
+    store: PresenceStore, redis: Redis, clock: Clock
+) -> None:
+    async with listening(
+        redis, keys.presence_channel(ACME, ALICE), keys.self_channel(ACME, ALICE)
+    ) as pubsub:
+        await store.apply(ACME, ALICE, DESK)
+        frames = [await next_frame(pubsub), await next_frame(pubsub)]
+    presence = next(f for f in frames if f["type"] == "presence")
+    own = next(f for f in frames if f["type"] == "self")
+    assert presence == {
+        "type": "presence",
+        "user": "alice",
+        "status": "available",
+        "message": None,
+        "since": clock.now,
+        "ver": 1,
+    }
+    assert own["devices"] == ["desktop"]
+    assert own["effective"] == "available"
+
+
+async def test_a_private_change_publishes_only_on_the_self_channel(
+    store: PresenceStore, redis: Redis
+) -> None:
+    await store.apply(ACME, ALICE, DESK)
+    await store.apply(ACME, ALICE, ManualStatusSet("dnd"))
+    presence = keys.presence_channel(ACME, ALICE)
+    async with listening(redis, presence, keys.self_channel(ACME, ALICE)) as pubsub:
+        await store.apply(ACME, ALICE, CallStarted("call-1", at=0, max_duration=1e10))
+        # A later visible change: if the call had leaked, its frame would come first.
+        await store.apply(ACME, ALICE, ManualStatusSet("available"))
+        frames = [await next_frame(pubsub) for _ in range(3)]
+    assert [(f["type"], f.get("status")) for f in frames] == [
+        ("self", None),
+        ("presence", "on_call"),
+        ("self", None),
+    ]
+    assert frames[0]["calls"] == 1
+
+
+async def test_a_repeated_event_id_is_a_duplicate_and_publishes_nothing(
+    store: PresenceStore, redis: Redis, clock: Clock
+) -> None:
+    await store.apply(ACME, ALICE, DESK)
+    call = CallStarted("call-1", at=clock.now)
+    async with listening(redis, keys.presence_channel(ACME, ALICE)) as pubsub:
+        first = await store.apply(ACME, ALICE, call, event_id="e1")
+        second = await store.apply(ACME, ALICE, call, event_id="e1")
+        await store.apply(ACME, ALICE, MessageSet("marker"))
+        frames = [await next_frame(pubsub), await next_frame(pubsub)]
+    assert (first.result, second.result) == ("applied", "duplicate")
+    assert [(f["status"], f["message"]) for f in frames] == [
+        ("on_call", None),
+        ("on_call", "marker"),
+    ]
+    assert await redis.ttl(keys.event_key(ACME, ALICE, "e1")) > EVENT_TTL - 60
+
+
+async def test_a_stale_event_is_remembered_too(store: PresenceStore, clock: Clock) -> None:
+    await store.apply(ACME, ALICE, CallStarted("c", at=clock.now), event_id="start")
+    again = await store.apply(ACME, ALICE, CallStarted("c", at=clock.now), event_id="start-again")
+    replayed = await store.apply(
+        ACME, ALICE, CallStarted("c", at=clock.now), event_id="start-again"
+    )
+    assert (again.result, replayed.result) == ("stale", "duplicate")
+
+
+async def test_timers_fire_on_any_node_and_take_effect_once(
+    redis: Redis, redis_server: EmbeddedRedis, clock: Clock
+) -> None:
+    node_a = PresenceStore(redis, clock=clock)
+    other_connection = Redis.from_url(redis_server.url)
+    node_b = PresenceStore(other_connection, clock=clock)
+    await node_a.apply(ACME, ALICE, DESK)
+    await node_a.apply(ACME, ALICE, MessageSet("back at 3", expires_at=clock.now + 60))
+    bucket = keys.timer_bucket(ACME, ALICE)
+    assert await redis.zscore(bucket, keys.member(ACME, ALICE)) == clock.now + 60
+
+    clock.advance(61)
+    async with listening(redis, keys.presence_channel(ACME, ALICE)) as pubsub:
+        fired = await asyncio.gather(node_a.fire_due_timers(), node_b.fire_due_timers())
+        await node_a.apply(ACME, ALICE, MessageSet("marker"))
+        frames = [await next_frame(pubsub), await next_frame(pubsub)]
+    await other_connection.aclose()
+    assert sorted(fired) == [0, 1]
+    assert [(f["message"], f["ver"]) for f in frames] == [(None, 3), ("marker", 4)]
+    assert await redis.zscore(bucket, keys.member(ACME, ALICE)) is None
+
+
+async def test_a_timer_whose_node_died_before_committing_fires_again(
+    store: PresenceStore, redis: Redis, clock: Clock
+) -> None:
+    await store.apply(ACME, ALICE, DESK)
+    await store.apply(ACME, ALICE, SettingsChanged(300))
+    clock.advance(301)
+    # A node claims the timer and dies: only the claim happens.
+    await store._claim(keys=[keys.timer_bucket(ACME, ALICE)], args=[clock.now, 10, clock.now + 30])
+    assert await store.fire_due_timers() == 0
+    clock.advance(31)
+    assert await store.fire_due_timers() == 1
+    assert (await store.views(ACME, [ALICE]))[0].status == "away"
+
+
+WORKER = """
+import asyncio, sys
+from redis.asyncio import Redis
+from presence_hub.rules import MessageSet
+from presence_hub.store import PresenceStore
+
+async def main(url, name, count):
+    redis = Redis.from_url(url)
+    store = PresenceStore(redis)
+    for n in range(count):
+        await store.apply("acme", "alice", MessageSet(f"{name}-{n}"))
+    await redis.aclose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+@pytest.mark.slow
+async def test_concurrent_writers_in_several_processes_lose_nothing(
+    store: PresenceStore, redis: Redis, redis_server: EmbeddedRedis
+) -> None:
+    workers, per_worker = 4, 60
+    await store.apply(ACME, ALICE, DESK)
+    async with listening(redis, keys.presence_channel(ACME, ALICE)) as pubsub:
+        processes = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-c", WORKER, redis_server.url, f"w{w}", str(per_worker)
+            )
+            for w in range(workers)
+        ]
+        codes = await asyncio.wait_for(asyncio.gather(*(p.wait() for p in processes)), timeout(120))
+        assert codes == [0] * workers
+        frames = [await next_frame(pubsub) for _ in range(workers * per_worker)]
+    vers = [f["ver"] for f in frames]
+    assert vers == list(range(2, 2 + workers * per_worker)), "a ver was published twice or lost"
+    texts = {f["message"] for f in frames}
+    assert texts == {f"w{w}-{n}" for w in range(workers) for n in range(per_worker)}
+    final = await store.load(ACME, ALICE)
+    assert final.view.ver == 1 + workers * per_worker
+    assert final.message == frames[-1]["message"]
+
+
+async def test_every_key_of_a_user_shares_one_hash_tag(store: PresenceStore, redis: Redis) -> None:
+    await store.apply(ACME, ALICE, DESK)
+    await store.apply(ACME, ALICE, CallStarted("c", at=0, max_duration=1e10), event_id="e1")
+    stored = cast("list[bytes]", await redis.keys("*"))
+    user_keys = {k.decode() for k in stored if not k.startswith(b"ph:timers:")}
+    assert user_keys == {"ph:{acme:alice}", "ph:{acme:alice}:ev:e1"}
+    assert all(
+        "{acme:alice}" in c
+        for c in (keys.presence_channel(ACME, ALICE), keys.self_channel(ACME, ALICE))
+    )
+
+
+async def test_tenants_do_not_share_state(store: PresenceStore) -> None:
+    await store.apply(ACME, ALICE, DESK)
+    await store.apply(ACME, ALICE, ManualStatusSet("busy"))
+    views = await store.views(TenantId("globex"), [ALICE])
+    assert views == [View()]
+
+
+@pytest.mark.slow
+async def test_what_users_set_survives_a_redis_crash(own_redis_server: EmbeddedRedis) -> None:
+    redis = Redis.from_url(own_redis_server.url)
+    store = PresenceStore(redis)
+    await store.apply(ACME, ALICE, DESK)
+    await store.apply(ACME, ALICE, ManualStatusSet("dnd"))
+    await store.apply(ACME, ALICE, MessageSet("on leave", expires_at=4e9))
+    await store.apply(ACME, ALICE, SettingsChanged(900))
+    before = await store.load(ACME, ALICE)
+
+    own_redis_server.stop(kill=True)
+    with pytest.raises(StoreUnavailable):
+        await store.apply(ACME, ALICE, ManualStatusSet("busy"))
+    own_redis_server.start()
+
+    after = await store.load(ACME, ALICE)
+    await redis.aclose()
+    assert after == before
+    assert (after.manual, after.message, after.auto_away_after) == ("dnd", "on leave", 900)
+
+
+async def test_the_embedded_redis_listens_on_a_private_socket_and_keeps_its_files(
+    tmp_path: Any,
+) -> None:
+    data = tmp_path / "data"
+    with EmbeddedRedis(data) as server:
+        assert server.url == f"unix://{data / 'redis.sock'}"
+        redis = Redis.from_url(server.url)
+        await PresenceStore(redis).apply(ACME, ALICE, ManualStatusSet("busy"))
+        await redis.aclose()
+    assert not server.running
+    with EmbeddedRedis(data) as server:
+        redis = Redis.from_url(server.url)
+        assert (await PresenceStore(redis).load(ACME, ALICE)).manual == "busy"
+        await redis.aclose()
