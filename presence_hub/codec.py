@@ -1,13 +1,251 @@
-"""Frames of PROTOCOL.md as plain maps, ready for MessagePack or JSON."""
+"""Frames of PROTOCOL.md: bytes or text in, typed requests out; maps out, bytes or text.
+
+Every way a frame can be wrong raises one error, ``FrameError`` with code
+``bad_request``, carrying the request's ``id`` when it could be read.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeAlias
 
-from presence_hub.ids import UserId
-from presence_hub.rules import SelfView, View
+import msgpack
 
-__all__ = ["presence_frame", "presence_map", "self_frame", "self_map"]
+from presence_hub.errors import FrameError
+from presence_hub.ids import UserId, is_valid_id
+from presence_hub.rules import MANUAL_STATUSES, Manual, SelfView, View
+
+__all__ = [
+    "FORMATS",
+    "MAX_MESSAGE_LENGTH",
+    "ActivityReport",
+    "AuthRefresh",
+    "EventRequest",
+    "Format",
+    "Query",
+    "Request",
+    "RequestId",
+    "SetMessage",
+    "SetSettings",
+    "SetStatus",
+    "Subscribe",
+    "Unsubscribe",
+    "decode_request",
+    "encode",
+    "error_frame",
+    "is_int",
+    "is_number",
+    "presence_frame",
+    "presence_map",
+    "self_frame",
+    "self_map",
+]
+
+Format: TypeAlias = Literal["msgpack", "json"]
+#: Subprotocol name -> frame format.
+FORMATS: Final[dict[str, Format]] = {"presence.v1.msgpack": "msgpack", "presence.v1.json": "json"}
+MAX_MESSAGE_LENGTH: Final = 280
+RequestId: TypeAlias = int | str | None
+
+
+# --- Requests --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetStatus:
+    id: RequestId
+    status: Manual
+
+
+@dataclass(frozen=True, slots=True)
+class SetMessage:
+    id: RequestId
+    text: str | None
+    expires_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetSettings:
+    id: RequestId
+    auto_away_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityReport:
+    id: RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    id: RequestId
+    users: list[UserId]
+    known: dict[UserId, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    id: RequestId
+    users: list[UserId]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    id: RequestId
+    users: list[UserId]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRefresh:
+    id: RequestId
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventRequest:
+    id: RequestId
+    event: Mapping[str, Any]
+
+
+Request: TypeAlias = (
+    SetStatus
+    | SetMessage
+    | SetSettings
+    | ActivityReport
+    | Subscribe
+    | Unsubscribe
+    | Query
+    | AuthRefresh
+    | EventRequest
+)
+
+
+def decode_request(data: bytes | str, fmt: Format) -> Request:
+    frame = _load(data, fmt)
+    if not isinstance(frame, dict):
+        raise FrameError("bad_request", "a frame must be a map")
+    rid = frame.get("id")
+    if not (
+        rid is None
+        or (isinstance(rid, int) and not isinstance(rid, bool))
+        or (isinstance(rid, str) and len(rid) <= 64)
+    ):
+        raise FrameError(
+            "bad_request", "id must be an integer or a string of at most 64 characters"
+        )
+    try:
+        return _parse(frame, rid)
+    except FrameError as exc:
+        exc.request_id = rid
+        raise
+
+
+def _load(data: bytes | str, fmt: Format) -> Any:
+    if fmt == "json":
+        if not isinstance(data, str):
+            raise FrameError("bad_request", "presence.v1.json takes text frames")
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise FrameError("bad_request", f"not JSON: {exc}") from exc
+    if not isinstance(data, bytes):
+        raise FrameError("bad_request", "presence.v1.msgpack takes binary frames")
+    try:
+        return msgpack.unpackb(data, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise FrameError("bad_request", f"not MessagePack: {exc}") from exc
+
+
+def _parse(frame: dict[Any, Any], rid: RequestId) -> Request:
+    kind = frame.get("type")
+    if kind == "set_status":
+        status = frame.get("status")
+        if status not in MANUAL_STATUSES:
+            raise FrameError("bad_request", f"status must be one of {', '.join(MANUAL_STATUSES)}")
+        return SetStatus(rid, status)
+    if kind == "set_message":
+        text = frame.get("text")
+        if text is not None and (not isinstance(text, str) or len(text) > MAX_MESSAGE_LENGTH):
+            raise FrameError(
+                "bad_request", "text must be a string of at most 280 characters, or null"
+            )
+        return SetMessage(rid, text, _optional_number(frame, "expires_at"))
+    if kind == "set_settings":
+        if "auto_away_after" not in frame:
+            raise FrameError(
+                "bad_request", "auto_away_after is required (seconds, or null for off)"
+            )
+        return SetSettings(rid, _optional_number(frame, "auto_away_after"))
+    if kind == "activity":
+        return ActivityReport(rid)
+    if kind == "subscribe":
+        known = frame.get("known", {})
+        if known is None:
+            known = {}
+        if not isinstance(known, dict) or not all(
+            is_valid_id(k) and is_int(v) for k, v in known.items()
+        ):
+            raise FrameError("bad_request", "known must map user ids to integer vers")
+        return Subscribe(rid, _users(frame), {UserId(k): v for k, v in known.items()})
+    if kind == "unsubscribe":
+        return Unsubscribe(rid, _users(frame))
+    if kind == "query":
+        return Query(rid, _users(frame))
+    if kind == "auth":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise FrameError("bad_request", "token must be a string")
+        return AuthRefresh(rid, token)
+    if kind == "event":
+        event = frame.get("event")
+        if not isinstance(event, dict):
+            raise FrameError("bad_request", "event must be a map")
+        return EventRequest(rid, event)
+    if not isinstance(kind, str):
+        raise FrameError("bad_request", "every frame needs a string field type")
+    raise FrameError("bad_request", f"unknown frame type {kind[:64]!r}")
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional_number(frame: Mapping[str, Any], field: str) -> float | None:
+    value = frame.get(field)
+    if value is None:
+        return None
+    if not is_number(value):
+        raise FrameError("bad_request", f"{field} must be a number or null")
+    return float(value)
+
+
+def _users(frame: Mapping[str, Any]) -> list[UserId]:
+    users = frame.get("users")
+    if not isinstance(users, list) or not all(is_valid_id(u) for u in users):
+        raise FrameError("bad_request", "users must be a list of user ids")
+    return [UserId(u) for u in users]
+
+
+# --- Frames to clients ---------------------------------------------------------------
+
+
+def encode(frame: Mapping[str, Any], fmt: Format) -> bytes | str:
+    if fmt == "json":
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    return msgpack.packb(frame)  # type: ignore[no-any-return]
+
+
+def error_frame(code: str, message: str, request_id: RequestId = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if request_id is not None:
+        frame["id"] = request_id
+    return frame
 
 
 def presence_map(user: UserId | str, view: View) -> dict[str, Any]:

@@ -6,13 +6,17 @@ The whole tree::
     ├── StoreError               the store could not complete an operation
     │   ├── StoreUnavailable     Redis did not answer; retry later
     │   └── StoreContention      a user's state kept changing under a writer
-    └── EmbeddedRedisError       the embedded redis-server could not be started
+    ├── EmbeddedRedisError       the embedded redis-server could not be started
+    ├── AuthError                a token is missing, malformed, forged or expired
+    └── FrameError               a client frame is malformed; carries the error code
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "EmbeddedRedisError",
+    "FrameError",
     "PresenceHubError",
     "StoreContention",
     "StoreError",
@@ -38,3 +42,17 @@ class StoreContention(StoreError):
 
 class EmbeddedRedisError(PresenceHubError):
     """The embedded redis-server could not be found or did not start."""
+
+
+class AuthError(PresenceHubError):
+    """A token is missing, malformed, forged or expired."""
+
+
+class FrameError(PresenceHubError):
+    """A client frame or producer event that the hub refuses; nothing was changed."""
+
+    def __init__(self, code: str, message: str, request_id: int | str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id

@@ -12,10 +12,11 @@ subscribers receive each ``ver`` once, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final, Literal, TypeAlias, cast
@@ -42,6 +43,15 @@ EVENT_TTL: Final = 86400
 #: A claimed timer that its node never committed fires again after this long.
 CLAIM_RETRY: Final = 30.0
 _MAX_ATTEMPTS: Final = 64
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Turn Redis' errors into StoreUnavailable, the one the layers above handle."""
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreUnavailable(str(exc)) from exc
 
 
 def _script(name: str) -> str:

@@ -1,0 +1,3 @@
+from presence_hub.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""``presence-hub serve | token``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from presence_hub.auth import ROLES, issue_token, load_or_create_secret
+from presence_hub.config import Settings
+from presence_hub.errors import PresenceHubError
+from presence_hub.server import Node
+from presence_hub.store import EmbeddedRedis
+
+__all__ = ["main"]
+
+log = logging.getLogger("presence_hub")
+
+ENV_PREFIX = "PRESENCE_HUB_"
+
+_HELP = {
+    "host": "address to listen on",
+    "ws_port": "WebSocket port",
+    "http_port": "HTTP API port",
+    "redis_url": "Redis URL (redis://, rediss://, unix://); none: start an embedded redis-server",
+    "data_dir": "where the embedded Redis and the generated secret live",
+    "secret": "HS256 token secret; none: generate one and keep it in the data directory",
+    "grace": "seconds a dropped connection stays online before it turns offline",
+    "lease": "seconds within which a dead node's sessions expire",
+    "max_frame": "largest client frame, in bytes (larger ones close the socket with 1009)",
+    "max_users_per_request": "users in one subscribe, unsubscribe or query",
+    "max_subscriptions": "subscriptions on one connection",
+    "rate_limit": "frames a connection may send per second",
+    "rate_burst": "frames a connection may send in a burst",
+    "send_timeout": "seconds a stalled socket may block its updates before it is closed (1013)",
+    "min_auto_away": "shortest auto-away setting a client may choose, in seconds",
+    "log_json": "log one JSON object per line",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def _settings_parser(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    for f in fields(Settings):
+        env = ENV_PREFIX + f.name.upper()
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{_HELP[f.name]} (env {env}; default {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            kind: Any = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    """Flags win over ``PRESENCE_HUB_*`` variables, which win over the defaults."""
+    defaults = Settings()
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        flag = getattr(args, f.name, None)
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        default = getattr(defaults, f.name)
+        if flag is not None:
+            values[f.name] = flag
+        elif env not in (None, ""):
+            if isinstance(default, bool):
+                values[f.name] = env.lower() in ("1", "true", "yes", "on")
+            elif default is None:
+                values[f.name] = env
+            else:
+                values[f.name] = type(default)(env)
+    return Settings(**values)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _JsonFormatter()
+        if settings.log_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+def serve(settings: Settings) -> None:
+    _configure_logging(settings)
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis_url
+    if not url:
+        embedded = EmbeddedRedis(settings.data_dir / "redis")
+        embedded.start()
+        url = embedded.url
+        log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
+    secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
+    try:
+        asyncio.run(_serve(settings, url, secret))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _serve(settings: Settings, url: str, secret: str) -> None:
+    redis = Redis.from_url(url)
+    # The listener must see every disconnect, to resync after it: no silent retries.
+    pubsub_redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+    node = Node(settings, redis, pubsub_redis, secret)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    await stop.wait()
+    log.info("shutting down")
+    await node.stop()
+    await redis.aclose()
+    await pubsub_redis.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="presence-hub", description="Real-time presence hub.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser(
+        "serve",
+        help="run a hub node",
+        description="Run a hub node. Every flag can also be set by its PRESENCE_HUB_* variable.",
+    )
+    _settings_parser(serve_parser)
+    token_parser = commands.add_parser("token", help="print a token signed with the hub's secret")
+    token_parser.add_argument("--tenant", required=True)
+    token_parser.add_argument("--user", required=True)
+    token_parser.add_argument("--role", choices=ROLES, default="user")
+    token_parser.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token_parser.add_argument("--secret", default=None, help=f"(env {ENV_PREFIX}SECRET)")
+    token_parser.add_argument(
+        "--data-dir", type=Path, default=None, help=f"(env {ENV_PREFIX}DATA_DIR)"
+    )
+    args = parser.parse_args(argv)
+    environ = dict(os.environ)
+    try:
+        if args.command == "serve":
+            serve(settings_from(args, environ))
+        else:
+            settings = settings_from(args, environ)
+            secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
+            print(
+                issue_token(
+                    secret, tenant=args.tenant, user=args.user, role=args.role, ttl=args.ttl
+                )
+            )
+    except (PresenceHubError, ValueError) as exc:
+        print(f"presence-hub: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Settings of one hub node, from flags and ``PRESENCE_HUB_*`` environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from presence_hub.store.embedded import default_data_dir
+
+__all__ = ["Settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    ws_port: int = 8765
+    http_port: int = 8766
+    #: None: start the embedded redis-server, with its data in ``data_dir``.
+    redis_url: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    #: None: generate one and keep it in ``data_dir``.
+    secret: str | None = None
+    #: Offline grace after a dropped connection (RULES.md: default 10 s).
+    grace: float = 10.0
+    #: How long a dead node's sessions outlive it (RULES.md: default 30 s).
+    lease: float = 30.0
+    max_frame: int = 64 * 1024
+    max_users_per_request: int = 1000
+    max_subscriptions: int = 10_000
+    #: Frames a connection may send per second, with bursts of ``rate_burst``.
+    rate_limit: float = 50.0
+    rate_burst: int = 200
+    #: A socket whose writes stall this long is closed with 1013.
+    send_timeout: float = 20.0
+    #: The shortest auto-away setting a client may choose (PROTOCOL.md: 60 s).
+    min_auto_away: float = 60.0
+    log_json: bool = False
+    log_level: str = "INFO"

@@ -1,0 +1,98 @@
+"""Producer events (PROTOCOL.md: Events): validated and applied the same way over HTTP and WS."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeAlias
+
+from presence_hub import rules
+from presence_hub.codec import is_number
+from presence_hub.errors import FrameError
+from presence_hub.ids import TenantId, UserId, is_valid_id
+from presence_hub.store import PresenceStore
+
+__all__ = ["EVENT_KINDS", "EventKind", "ProducerEvent", "apply_event", "parse_event"]
+
+EventKind: TypeAlias = Literal["call_started", "call_ended", "meeting_started", "meeting_ended"]
+EVENT_KINDS: Final[tuple[EventKind, ...]] = (
+    "call_started",
+    "call_ended",
+    "meeting_started",
+    "meeting_ended",
+)
+#: A producer may lower or raise the 12-hour default, up to a week.
+MAX_DURATION_LIMIT: Final = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerEvent:
+    event_id: str
+    kind: EventKind
+    user: UserId
+    ref: str
+    at: float
+    max_duration: float
+
+    def to_input(self) -> rules.Input:
+        match self.kind:
+            case "call_started":
+                return rules.CallStarted(self.ref, self.at, self.max_duration)
+            case "call_ended":
+                return rules.CallEnded(self.ref, self.at)
+            case "meeting_started":
+                return rules.MeetingStarted(self.ref, self.at, self.max_duration)
+            case "meeting_ended":
+                return rules.MeetingEnded(self.ref, self.at)
+
+
+def _bounded_string(raw: Mapping[str, Any], field: str) -> str:
+    value = raw.get(field)
+    if not isinstance(value, str) or not 1 <= len(value) <= 128:
+        raise FrameError("bad_request", f"{field} must be a string of 1 to 128 characters")
+    return value
+
+
+def parse_event(raw: Mapping[str, Any]) -> ProducerEvent:
+    """A valid event, or FrameError saying why it is rejected."""
+    if not isinstance(raw, Mapping):
+        raise FrameError("bad_request", "an event must be a map")
+    event_id = _bounded_string(raw, "event_id")
+    kind = raw.get("kind")
+    if kind not in EVENT_KINDS:
+        raise FrameError("bad_request", f"kind must be one of {', '.join(EVENT_KINDS)}")
+    user = raw.get("user")
+    if not is_valid_id(user):
+        raise FrameError("bad_request", "user must be a valid user id")
+    ref = _bounded_string(raw, "ref")
+    at = raw.get("at")
+    if not is_number(at):
+        raise FrameError("bad_request", "at must be a time (Unix seconds)")
+    max_duration = raw.get("max_duration", rules.DEFAULT_MAX_DURATION)
+    if max_duration is None:
+        max_duration = rules.DEFAULT_MAX_DURATION
+    if not is_number(max_duration) or not 0 < max_duration <= MAX_DURATION_LIMIT:
+        raise FrameError("bad_request", "max_duration must be seconds, above 0 and at most a week")
+    return ProducerEvent(
+        event_id=event_id,
+        kind=kind,
+        user=UserId(str(user)),
+        ref=ref,
+        at=float(at),  # type: ignore[arg-type]
+        max_duration=float(max_duration),
+    )
+
+
+async def apply_event(store: PresenceStore, tenant: TenantId, raw: Any) -> dict[str, Any]:
+    """One result map of PROTOCOL.md: event_id, result and, when rejected, error."""
+    try:
+        event = parse_event(raw)
+    except FrameError as exc:
+        event_id = raw.get("event_id") if isinstance(raw, Mapping) else None
+        return {
+            "event_id": event_id if isinstance(event_id, str) else None,
+            "result": "rejected",
+            "error": exc.message,
+        }
+    applied = await store.apply(tenant, event.user, event.to_input(), event_id=event.event_id)
+    return {"event_id": event.event_id, "result": applied.result}

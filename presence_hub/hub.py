@@ -1,0 +1,350 @@
+"""Who on this node watches whom, and the fan-out of updates from Redis to sockets.
+
+The node listens on Redis only for the users that its own sockets watch (a
+channel is subscribed with its first watcher and released with its last).
+Each update is decoded once and encoded at most once per frame format, then
+handed to every local watcher without waiting for any socket: a connection
+keeps at most one pending update per user (the newest ``ver`` wins) and a
+writer task of its own, so a slow socket delays nobody else and its backlog is
+bounded by its subscription count. A socket whose writes stall longer than
+``send_timeout`` is closed with 1013.
+
+When the Redis connection drops, the node reconnects, listens again and
+re-reads the state of every watched user, so subscribers end with the truth
+whatever was published meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Final
+
+import msgpack
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from presence_hub import codec
+from presence_hub.codec import Format
+from presence_hub.errors import StoreUnavailable
+from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.rules import Device, self_view
+from presence_hub.store import PresenceStore, keys
+
+__all__ = ["Connection", "Hub"]
+
+log = logging.getLogger(__name__)
+
+#: Items per ``presences`` frame, so a coalesced backlog never makes one huge frame.
+BATCH: Final = 500
+SUBSCRIBE_CHUNK: Final = 1000
+
+
+class Update:
+    """One published frame, encoded at most once per format however many sockets get it."""
+
+    __slots__ = ("_json", "map", "raw")
+
+    def __init__(self, raw: bytes, frame: dict[str, Any]) -> None:
+        self.raw = raw
+        self.map = frame
+        self._json: str | None = None
+
+    def encoded(self, fmt: Format) -> bytes | str:
+        if fmt == "msgpack":
+            return self.raw
+        if self._json is None:
+            self._json = codec.encode(self.map, "json")  # type: ignore[assignment]
+        assert self._json is not None
+        return self._json
+
+
+class Connection:
+    """One client socket: who it is, what it watches, and what it has yet to receive."""
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        fmt: Format,
+        *,
+        tenant: TenantId,
+        user: UserId,
+        session: SessionId,
+        device: Device,
+        send_timeout: float,
+    ) -> None:
+        self.ws = ws
+        self.fmt: Format = fmt
+        self.tenant = tenant
+        self.user = user
+        self.session = session
+        self.device = device
+        self.send_timeout = send_timeout
+        #: Watched user -> highest ver handed to this socket.
+        self.watching: dict[UserId, int] = {}
+        self._pending: dict[UserId, Update] = {}
+        self._pending_self: Update | None = None
+        #: The ver of the last Self map this socket was given.
+        self.self_ver = -1
+        self._wake = asyncio.Event()
+        self.coalesced = 0
+        #: Renewed by an ``auth`` frame; the socket closes with 1008 when it passes.
+        self.token_expires_at = 0.0
+
+    def offer(self, user: UserId, update: Update) -> None:
+        ver = update.map["ver"]
+        known = self.watching.get(user)
+        if known is None or ver <= known:
+            return
+        self.watching[user] = ver
+        if user in self._pending:
+            self.coalesced += 1
+        self._pending[user] = update
+        self._wake.set()
+
+    def offer_self(self, update: Update) -> None:
+        ver = update.map["ver"]
+        if ver > self.self_ver:
+            self.self_ver = ver
+            self._pending_self = update
+            self._wake.set()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(codec.encode(frame, self.fmt))
+
+    async def pump(self) -> None:
+        """Write pending updates until the socket closes; close it if it stalls."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                own, self._pending_self = self._pending_self, None
+                batch, self._pending = self._pending, {}
+                if own is not None:
+                    await self._write(own.encoded(self.fmt))
+                if len(batch) == 1:
+                    (update,) = batch.values()
+                    await self._write(update.encoded(self.fmt))
+                elif batch:
+                    items = [
+                        {k: v for k, v in u.map.items() if k != "type"} for u in batch.values()
+                    ]
+                    for start in range(0, len(items), BATCH):
+                        frame = {"type": "presences", "items": items[start : start + BATCH]}
+                        await self._write(codec.encode(frame, self.fmt))
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            log.info("closing %s/%s: fell too far behind", self.tenant, self.user)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(1013, "fell too far behind"), 5)
+            self.ws.transport.abort()
+
+    async def _write(self, data: bytes | str) -> None:
+        await asyncio.wait_for(self.ws.send(data), self.send_timeout)
+
+
+class Hub:
+    def __init__(self, store: PresenceStore, pubsub_redis: Redis, node_channel: str) -> None:
+        self.store = store
+        self._redis = pubsub_redis
+        self._node_channel = node_channel
+        #: presence channel -> local connections watching that user
+        self._watchers: dict[str, set[Connection]] = defaultdict(set)
+        #: self channel -> local connections of that user
+        self._owners: dict[str, set[Connection]] = defaultdict(set)
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: PubSub | None = None
+        self._ready = asyncio.Event()
+        self.connections: set[Connection] = set()
+
+    @property
+    def subscriptions(self) -> int:
+        return len(self._watchers)
+
+    # --- Who watches whom ------------------------------------------------------
+
+    async def watch(self, conn: Connection, users: Iterable[UserId]) -> None:
+        """Listen for ``users`` on conn's behalf; returns once Redis confirmed the subscription."""
+        new, waits = [], []
+        for user in users:
+            conn.watching.setdefault(user, -1)
+            channel = keys.presence_channel(conn.tenant, user)
+            watchers = self._watchers[channel]
+            if not watchers:
+                new.append(channel)
+            elif channel in self._confirmed:
+                waits.append(self._confirmed[channel])
+            watchers.add(conn)
+        await self._subscribe(new, waits)
+
+    def unwatch(self, conn: Connection, users: Iterable[UserId]) -> None:
+        gone = []
+        for user in users:
+            if conn.watching.pop(user, None) is None:
+                continue
+            channel = keys.presence_channel(conn.tenant, user)
+            watchers = self._watchers.get(channel)
+            if watchers is None:
+                continue
+            watchers.discard(conn)
+            if not watchers:
+                del self._watchers[channel]
+                gone.append(channel)
+        self._unsubscribe(gone)
+
+    async def join(self, conn: Connection) -> None:
+        """Register one of the user's own sessions, to receive their ``self`` updates."""
+        self.connections.add(conn)
+        channel = keys.self_channel(conn.tenant, conn.user)
+        owners = self._owners[channel]
+        first = not owners
+        owners.add(conn)
+        if first:
+            await self._subscribe([channel], [])
+        elif channel in self._confirmed:
+            await self._confirmed[channel]
+
+    def leave(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.unwatch(conn, list(conn.watching))
+        channel = keys.self_channel(conn.tenant, conn.user)
+        owners = self._owners.get(channel)
+        if owners is not None:
+            owners.discard(conn)
+            if not owners:
+                del self._owners[channel]
+                self._unsubscribe([channel])
+
+    async def _subscribe(self, channels: list[str], waits: list[asyncio.Future[None]]) -> None:
+        if channels:
+            loop = asyncio.get_running_loop()
+            for channel in channels:
+                self._confirmed[channel] = loop.create_future()
+            waits = waits + [self._confirmed[c] for c in channels]
+            pubsub = self._pubsub
+            if pubsub is not None and self._ready.is_set():
+                try:
+                    await pubsub.subscribe(*channels)
+                except RedisError as exc:
+                    # The listener resubscribes everything once it reconnects.
+                    log.warning("subscribe deferred: %s", exc)
+        if waits:
+            await asyncio.wait_for(asyncio.gather(*waits), 30)
+
+    def _unsubscribe(self, channels: list[str]) -> None:
+        pubsub = self._pubsub
+        if not channels or pubsub is None or not self._ready.is_set():
+            return
+        for channel in channels:
+            fut = self._confirmed.pop(channel, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+        task = asyncio.ensure_future(pubsub.unsubscribe(*channels))
+        task.add_done_callback(_log_failure)
+
+    # --- Listening ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Listen on Redis until cancelled, reconnecting and resyncing after any outage."""
+        backoff = 0.1
+        first = True
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                channels = [self._node_channel, *self._watchers, *self._owners]
+                for start in range(0, len(channels), SUBSCRIBE_CHUNK):
+                    await pubsub.subscribe(*channels[start : start + SUBSCRIBE_CHUNK])
+                self._pubsub = pubsub
+                self._ready.set()
+                if not first:
+                    log.info("listening on Redis again: resyncing %d users", len(self._watchers))
+                    asyncio.get_running_loop().create_task(self._resync()).add_done_callback(
+                        _log_failure
+                    )
+                first = False
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None:
+                        self._dispatch(message)
+            except (RedisError, OSError) as exc:
+                self._ready.clear()
+                self._pubsub = None
+                log.warning("lost Redis pub/sub (%s); reconnecting in %.1f s", exc, backoff)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                raise
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel = message["channel"].decode()
+        if kind == "subscribe":
+            fut = self._confirmed.pop(channel, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        if kind != "message":
+            return
+        data: bytes = message["data"]
+        if channel.endswith(":p"):
+            watchers = self._watchers.get(channel)
+            if watchers:
+                update = Update(data, msgpack.unpackb(data))
+                user = UserId(update.map["user"])
+                for conn in watchers:
+                    conn.offer(user, update)
+        elif channel.endswith(":s"):
+            owners = self._owners.get(channel)
+            if owners:
+                update = Update(data, msgpack.unpackb(data))
+                for conn in owners:
+                    conn.offer_self(update)
+
+    async def _resync(self) -> None:
+        """Hand every watcher the current truth, after updates may have been missed."""
+        # Subscriptions made while disconnected are confirmed by the resubscription.
+        for channel, fut in list(self._confirmed.items()):
+            if not fut.done():
+                fut.set_result(None)
+            self._confirmed.pop(channel, None)
+        by_tenant: dict[TenantId, list[UserId]] = defaultdict(list)
+        for channel in list(self._watchers):
+            tenant, user = keys.parse_member(channel[4:-3])
+            by_tenant[tenant].append(user)
+        try:
+            for tenant, users in by_tenant.items():
+                views = await self.store.views(tenant, users)
+                for user, view in zip(users, views, strict=True):
+                    frame = codec.presence_frame(user, view)
+                    update = Update(msgpack.packb(frame), frame)
+                    for conn in self._watchers.get(keys.presence_channel(tenant, user), ()):
+                        conn.offer(user, update)
+            for channel, owners in list(self._owners.items()):
+                tenant, user = keys.parse_member(channel[4:-3])
+                state = await self.store.load(tenant, user)
+                frame = codec.self_frame(self_view(state))
+                update = Update(msgpack.packb(frame), frame)
+                for conn in owners:
+                    conn.offer_self(update)
+        except StoreUnavailable as exc:
+            log.warning("resync incomplete, Redis unavailable again: %s", exc)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background Redis call failed: %s", task.exception())

@@ -1,0 +1,368 @@
+"""One hub node: the WebSocket endpoint of PROTOCOL.md, sessions and leases. Wiring only:
+the rules decide, the store commits and publishes, the hub fans out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
+
+from redis.asyncio import Redis
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from presence_hub import codec, rules
+from presence_hub.auth import Claims, verify_token
+from presence_hub.codec import FORMATS
+from presence_hub.config import Settings
+from presence_hub.errors import AuthError, FrameError, StoreError, StoreUnavailable
+from presence_hub.events import apply_event
+from presence_hub.hub import Connection, Hub
+from presence_hub.ids import SessionId, UserId
+from presence_hub.store import PresenceStore
+from presence_hub.store.nodes import NodeRegistry
+
+__all__ = ["WS_PATH", "Node"]
+
+log = logging.getLogger(__name__)
+
+WS_PATH: Final = "/v1/ws"
+#: Refused frames in a row (rate-limited) after which a connection is closed with 1008.
+ABUSE_LIMIT: Final = 100
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    claims: Claims
+    device: rules.Device
+
+
+class _RateLimit:
+    """A token bucket: ``rate`` frames a second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens, self.at = float(burst), time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class Node:
+    """A hub node: serve() until stop(); any number of nodes may share one Redis."""
+
+    def __init__(self, settings: Settings, redis: Redis, pubsub_redis: Redis, secret: str) -> None:
+        self.settings = settings
+        self.secret = secret
+        self.id = uuid.uuid4().hex[:12]
+        self.store = PresenceStore(redis)
+        self.registry = NodeRegistry(redis, self.id, settings.lease)
+        self.hub = Hub(self.store, pubsub_redis, f"ph:node:{self.id}")
+        self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: Server | None = None
+        self._cleanup: set[asyncio.Task[None]] = set()
+
+    @property
+    def ws_port(self) -> int:
+        assert self._server is not None
+        port: int = next(iter(self._server.sockets)).getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self.hub.run(), name="hub"))
+        await asyncio.wait_for(self.hub.wait_ready(), 30)
+        await self.registry.register()
+        self._tasks.append(asyncio.create_task(self.store.run_timers(), name="timers"))
+        self._tasks.append(asyncio.create_task(self._keep_lease(), name="lease"))
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.ws_port,
+            process_request=self._admit,
+            select_subprotocol=_select_subprotocol,
+            max_size=self.settings.max_frame,
+            # Updates never wait on a socket's receive side; keep its queue short.
+            max_queue=4,
+        )
+        log.info(
+            "node %s listening on ws://%s:%d%s", self.id, self.settings.host, self.ws_port, WS_PATH
+        )
+
+    async def stop(self, code: int = 1001) -> None:
+        """Close every socket with ``code``; their sessions enter the grace period."""
+        if self._server is not None:
+            self._server.close(close_connections=False)
+            await asyncio.gather(
+                *(c.ws.close(code, "node shutting down") for c in list(self.hub.connections)),
+                return_exceptions=True,
+            )
+            await self._server.wait_closed()
+        if self._cleanup:
+            await asyncio.wait(self._cleanup, timeout=10)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(StoreError):
+            await self.registry.deregister()
+        log.info("node %s stopped", self.id)
+
+    # --- Leases -------------------------------------------------------------------
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.registry.renew_every))
+            try:
+                if not await self.registry.renew():
+                    log.error("node %s was declared dead; closing its sockets", self.id)
+                    await asyncio.gather(
+                        *(c.ws.close(1012, "reconnect") for c in list(self.hub.connections)),
+                        return_exceptions=True,
+                    )
+                    await self.registry.register()
+                reaped = await self.registry.reap(self.store)
+                if reaped:
+                    log.info("expired %d sessions of dead nodes", reaped)
+            except StoreError as exc:
+                log.warning("lease not renewed: %s", exc)
+
+    # --- The handshake --------------------------------------------------------------
+
+    def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path != WS_PATH:
+            return ws.respond(HTTPStatus.NOT_FOUND, f"not found; the WebSocket is at {WS_PATH}\n")
+        query = parse_qs(url.query)
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        token = token or next(iter(query.get("access_token", [])), None)
+        if not token:
+            return _unauthorized(ws, "missing token")
+        try:
+            claims = verify_token(token, self.secret)
+        except AuthError as exc:
+            return _unauthorized(ws, str(exc))
+        device = (query.get("device") or ["desktop"])[0]
+        if device not in rules.DEVICES:
+            return ws.respond(HTTPStatus.BAD_REQUEST, "device must be desktop, mobile or web\n")
+        self._admissions[ws] = _Admission(claims, device)
+        return None
+
+    # --- A connection ---------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        admission = self._admissions.pop(ws)
+        claims = admission.claims
+        conn = Connection(
+            ws,
+            FORMATS.get(ws.subprotocol or "", "msgpack"),
+            tenant=claims.tenant,
+            user=claims.user,
+            session=SessionId(uuid.uuid4().hex),
+            device=admission.device,
+            send_timeout=self.settings.send_timeout,
+        )
+        try:
+            await self.hub.join(conn)
+            await self.registry.add_session(conn.session, conn.tenant, conn.user)
+            opened = await self.store.apply(
+                conn.tenant, conn.user, rules.SessionOpened(conn.session, conn.device, self.id)
+            )
+        except (StoreError, TimeoutError) as exc:
+            self.hub.leave(conn)
+            log.warning("refusing %s/%s: %s", conn.tenant, conn.user, exc)
+            with contextlib.suppress(ConnectionClosed):
+                await conn.send(codec.error_frame("unavailable", "store unavailable; retry later"))
+            await ws.close(1011, "store unavailable")
+            return
+        assert opened.outcome is not None
+        own = rules.self_view(opened.outcome.state)
+        conn.self_ver = max(conn.self_ver, own.ver)
+        await conn.send(
+            {
+                "type": "welcome",
+                "session": conn.session,
+                "user": conn.user,
+                "tenant": conn.tenant,
+                "device": conn.device,
+                "server_time": time.time(),
+                "self": codec.self_map(own),
+            }
+        )
+        log.info(
+            "session %s opened: %s/%s on %s", conn.session, conn.tenant, conn.user, conn.device
+        )
+        pump = asyncio.create_task(conn.pump())
+        expiry = asyncio.create_task(self._expire_token(conn, claims.expires_at))
+        try:
+            await self._serve(conn, claims)
+        finally:
+            pump.cancel()
+            expiry.cancel()
+            self.hub.leave(conn)
+            logout = ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+            ended: rules.Input = (
+                rules.SessionClosed(conn.session)
+                if logout
+                else rules.SessionDropped(conn.session, self.settings.grace)
+            )
+            task = asyncio.create_task(self._end_session(conn, ended))
+            self._cleanup.add(task)
+            task.add_done_callback(self._cleanup.discard)
+
+    async def _end_session(self, conn: Connection, ended: rules.Input) -> None:
+        """Record the end of a session; while Redis is away retry; the lease is the backstop."""
+        for attempt in range(600):
+            try:
+                await self.store.apply(conn.tenant, conn.user, ended)
+                await self.registry.remove_session(conn.session)
+                log.info("session %s ended (%s)", conn.session, type(ended).__name__)
+                return
+            except StoreError as exc:
+                if attempt == 0:
+                    log.warning("session %s end deferred: %s", conn.session, exc)
+                await asyncio.sleep(1.0)
+
+    async def _expire_token(self, conn: Connection, expires_at: float) -> None:
+        conn.token_expires_at = expires_at
+        while True:
+            remaining = conn.token_expires_at - time.time()
+            if remaining <= 0:
+                await conn.ws.close(1008, "token expired")
+                return
+            await asyncio.sleep(remaining)
+
+    async def _serve(self, conn: Connection, claims: Claims) -> None:
+        limit = _RateLimit(self.settings.rate_limit, self.settings.rate_burst)
+        refused = 0
+        with contextlib.suppress(ConnectionClosed):
+            async for data in conn.ws:
+                if not limit.allow():
+                    refused += 1
+                    if refused >= ABUSE_LIMIT:
+                        await conn.ws.close(1008, "too many frames")
+                        return
+                    await conn.send(codec.error_frame("rate_limited", "slow down"))
+                    continue
+                refused = 0
+                reply = await self._answer(conn, claims, data)
+                if reply is not None:
+                    await conn.send(reply)
+
+    async def _answer(
+        self, conn: Connection, claims: Claims, data: bytes | str
+    ) -> dict[str, Any] | None:
+        request_id: codec.RequestId = None
+        try:
+            request = codec.decode_request(data, conn.fmt)
+            request_id = request.id
+            return await self._dispatch(conn, claims, request)
+        except FrameError as exc:
+            return codec.error_frame(exc.code, exc.message, exc.request_id)
+        except (StoreUnavailable, TimeoutError):
+            return codec.error_frame("unavailable", "store unavailable; retry later", request_id)
+        except ConnectionClosed:
+            raise
+        except Exception:
+            log.exception("internal error answering %s/%s", conn.tenant, conn.user)
+            return codec.error_frame("internal", "internal error", request_id)
+
+    async def _dispatch(
+        self, conn: Connection, claims: Claims, request: codec.Request
+    ) -> dict[str, Any] | None:
+        s = self.settings
+        apply = self.store.apply
+        match request:
+            case codec.SetStatus(status=status):
+                await apply(conn.tenant, conn.user, rules.ManualStatusSet(status))
+            case codec.SetMessage(text=text, expires_at=expires_at):
+                if expires_at is not None and expires_at <= time.time():
+                    raise FrameError("bad_request", "expires_at is in the past")
+                await apply(conn.tenant, conn.user, rules.MessageSet(text, expires_at))
+            case codec.SetSettings(auto_away_after=after):
+                if after is not None and not s.min_auto_away <= after <= 86400:
+                    raise FrameError(
+                        "bad_request",
+                        f"auto_away_after must be {s.min_auto_away:g} to 86400 seconds, or null",
+                    )
+                await apply(conn.tenant, conn.user, rules.SettingsChanged(after))
+            case codec.ActivityReport():
+                await apply(conn.tenant, conn.user, rules.ActivitySeen())
+                return None
+            case codec.Subscribe(users=users, known=known):
+                self._check_size(users)
+                fresh = {u for u in users if u not in conn.watching}
+                if len(conn.watching) + len(fresh) > s.max_subscriptions:
+                    raise FrameError(
+                        "limit_exceeded", f"at most {s.max_subscriptions} subscriptions"
+                    )
+                await self.hub.watch(conn, users)
+                presences = await self._snapshot(conn, users, known)
+                return {"type": "snapshot", "id": request.id, "presences": presences}
+            case codec.Unsubscribe(users=users):
+                self._check_size(users)
+                self.hub.unwatch(conn, users)
+            case codec.Query(users=users):
+                self._check_size(users)
+                presences = await self._snapshot(conn, users, {})
+                return {"type": "snapshot", "id": request.id, "presences": presences}
+            case codec.AuthRefresh(token=token):
+                try:
+                    fresh_claims = verify_token(token, self.secret)
+                except AuthError as exc:
+                    raise FrameError("bad_request", str(exc)) from exc
+                if (fresh_claims.user, fresh_claims.tenant) != (claims.user, claims.tenant):
+                    raise FrameError("forbidden", "the token is for another user")
+                conn.token_expires_at = fresh_claims.expires_at
+            case codec.EventRequest(event=event):
+                if claims.role != "producer":
+                    raise FrameError("forbidden", "events need the producer role")
+                result = await apply_event(self.store, conn.tenant, event)
+                return {"type": "ok", "id": request.id, "result": result}
+        return {"type": "ok", "id": request.id}
+
+    def _check_size(self, users: list[UserId]) -> None:
+        limit = self.settings.max_users_per_request
+        if len(users) > limit:
+            raise FrameError("limit_exceeded", f"at most {limit} users in a request")
+
+    async def _snapshot(
+        self, conn: Connection, users: list[UserId], known: dict[UserId, int]
+    ) -> list[dict[str, Any]]:
+        unique = list(dict.fromkeys(users))
+        views = await self.store.views(conn.tenant, unique)
+        presences = []
+        for user, view in zip(unique, views, strict=True):
+            if user in conn.watching:
+                conn.watching[user] = max(conn.watching[user], view.ver)
+            if known.get(user) != view.ver:
+                presences.append(codec.presence_map(user, view))
+        return presences
+
+
+def _select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    return next((name for name in offered if name in FORMATS), None)
+
+
+def _unauthorized(ws: ServerConnection, reason: str) -> Response:
+    response = ws.respond(HTTPStatus.UNAUTHORIZED, reason + "\n")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="presence-hub"'
+    return response

@@ -1,0 +1,103 @@
+"""Node leases: a node that stops renewing its lease is dead, and its sessions expire.
+
+Each node keeps its lease in the sorted set ``ph:nodes`` (node id -> expiry)
+and the sessions it holds in ``ph:node:ID:sessions`` (session id -> tenant:user).
+Any live node reaps a dead one: it claims the dead node like a due timer, ends
+each of its sessions with ``SessionExpired``, then forgets the node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Final, cast
+
+from redis.asyncio import Redis
+
+from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.rules import SessionExpired
+from presence_hub.store import keys
+from presence_hub.store.store import PresenceStore, _script, redis_errors
+
+__all__ = ["NODES_KEY", "NodeRegistry"]
+
+NODES_KEY: Final = "ph:nodes"
+
+
+def _sessions_key(node: str) -> str:
+    return f"ph:node:{node}:sessions"
+
+
+class NodeRegistry:
+    def __init__(
+        self,
+        redis: Redis,
+        node: str,
+        lease: float,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.node = node
+        self.lease = lease
+        self._clock = clock
+        self._claim = redis.register_script(_script("claim_timers.lua"))
+
+    @property
+    def renew_every(self) -> float:
+        return self.lease / 6
+
+    def _expiry(self) -> float:
+        # Dead for 2/3 of the lease, plus a reaper's round, is still within the lease.
+        return self._clock() + self.lease * 2 / 3
+
+    async def register(self) -> None:
+        with redis_errors():
+            await self.redis.zadd(NODES_KEY, {self.node: self._expiry()})
+
+    async def renew(self) -> bool:
+        """False when another node already declared this one dead."""
+        with redis_errors():
+            changed = await self.redis.zadd(
+                NODES_KEY, {self.node: self._expiry()}, xx=True, ch=True
+            )
+        return bool(changed)
+
+    async def deregister(self) -> None:
+        await self._forget(self.node)
+
+    async def add_session(self, session: SessionId, tenant: TenantId, user: UserId) -> None:
+        with redis_errors():
+            await self.redis.hset(_sessions_key(self.node), session, keys.member(tenant, user))
+
+    async def remove_session(self, session: SessionId) -> None:
+        with redis_errors():
+            await self.redis.hdel(_sessions_key(self.node), session)
+
+    async def reap(self, store: PresenceStore) -> int:
+        """End the sessions of every dead node this node can claim; returns how many."""
+        now = self._clock()
+        expired = 0
+        with redis_errors():
+            dead = cast(
+                "list[bytes]",
+                await self._claim(keys=[NODES_KEY], args=[now, 10, now + self.lease]),
+            )
+            for raw in dead:
+                node = raw.decode()
+                index = _sessions_key(node)
+                sessions = cast("dict[bytes, bytes]", await self.redis.hgetall(index))
+                for session, member in sessions.items():
+                    tenant, user = keys.parse_member(member.decode())
+                    await store.apply(tenant, user, SessionExpired(SessionId(session.decode())))
+                    await self.redis.hdel(index, session)
+                    expired += 1
+                await self._forget(node)
+        return expired
+
+    async def _forget(self, node: str) -> None:
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(NODES_KEY, node)
+                pipe.delete(_sessions_key(node))
+                await pipe.execute()
