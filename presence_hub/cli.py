@@ -45,6 +45,7 @@ _HELP = {
     "rate_limit": "frames a connection may send per second",
     "rate_burst": "frames a connection may send in a burst",
     "send_timeout": "seconds a stalled socket may block its updates before it is closed (1013)",
+    "socket_send_buffer": "kernel send buffer per socket, in bytes",
     "min_auto_away": "shortest auto-away setting a client may choose, in seconds",
     "log_json": "log one JSON object per line",
     "log_level": "DEBUG, INFO, WARNING or ERROR",

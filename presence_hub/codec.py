@@ -40,6 +40,7 @@ __all__ = [
     "is_number",
     "presence_frame",
     "presence_map",
+    "request_id",
     "self_frame",
     "self_map",
 ]
@@ -140,6 +141,14 @@ def decode_request(data: bytes | str, fmt: Format) -> Request:
     except FrameError as exc:
         exc.request_id = rid
         raise
+
+
+def request_id(data: bytes | str, fmt: Format) -> RequestId:
+    """The id of a frame that will not be processed, if it has a valid one."""
+    try:
+        return decode_request(data, fmt).id
+    except FrameError as exc:
+        return exc.request_id
 
 
 def _load(data: bytes | str, fmt: Format) -> Any:

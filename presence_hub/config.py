@@ -32,6 +32,8 @@ class Settings:
     rate_burst: int = 200
     #: A socket whose writes stall this long is closed with 1013.
     send_timeout: float = 20.0
+    #: Kernel send buffer per socket: bounds what a stalled client holds in the kernel.
+    socket_send_buffer: int = 64 * 1024
     #: The shortest auto-away setting a client may choose (PROTOCOL.md: 60 s).
     min_auto_away: float = 60.0
     log_json: bool = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 import weakref
@@ -171,6 +172,9 @@ class Node:
     async def _handle(self, ws: ServerConnection) -> None:
         admission = self._admissions.pop(ws)
         claims = admission.claims
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.socket_send_buffer)
         conn = Connection(
             ws,
             FORMATS.get(ws.subprotocol or "", "msgpack"),
@@ -260,7 +264,11 @@ class Node:
                     if refused >= ABUSE_LIMIT:
                         await conn.ws.close(1008, "too many frames")
                         return
-                    await conn.send(codec.error_frame("rate_limited", "slow down"))
+                    await conn.send(
+                        codec.error_frame(
+                            "rate_limited", "slow down", codec.request_id(data, conn.fmt)
+                        )
+                    )
                     continue
                 refused = 0
                 reply = await self._answer(conn, claims, data)
@@ -276,7 +284,8 @@ class Node:
             request_id = request.id
             return await self._dispatch(conn, claims, request)
         except FrameError as exc:
-            return codec.error_frame(exc.code, exc.message, exc.request_id)
+            rid = exc.request_id if exc.request_id is not None else request_id
+            return codec.error_frame(exc.code, exc.message, rid)
         except (StoreUnavailable, TimeoutError):
             return codec.error_frame("unavailable", "store unavailable; retry later", request_id)
         except ConnectionClosed:

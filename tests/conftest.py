@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
+from presence_hub.auth import Role, issue_token
+from presence_hub.config import Settings
+from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis, PresenceStore, find_redis_server
 from presence_hub.store.embedded import free_port
 from tests.utils import Clock
+from tests.wsclient import Client
 
 
 def _redis_binaries() -> dict[str, str]:
@@ -72,3 +80,49 @@ def clock() -> Clock:
 @pytest.fixture
 def store(redis: Redis, clock: Clock) -> PresenceStore:
     return PresenceStore(redis, clock=clock)
+
+
+SECRET = "test-secret-with-enough-entropy-for-hs256"
+
+
+def make_token(user: str, tenant: str = "acme", role: Role = "user", ttl: float = 3600) -> str:
+    return issue_token(SECRET, tenant=tenant, user=user, role=role, ttl=ttl)
+
+
+#: Short enough that time-driven behaviour shows within a test, long enough for a busy machine.
+TEST_SETTINGS = Settings(
+    ws_port=0,
+    http_port=0,
+    grace=1.0,
+    lease=3.0,
+    min_auto_away=0.2,
+    send_timeout=1.0,
+)
+
+StartNode = Callable[..., Awaitable[Node]]
+
+
+@pytest.fixture
+async def start_node(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[StartNode]:
+    """Start hub nodes in this test's event loop, on the shared Redis; stop them at the end."""
+    started: list[tuple[Node, Redis, Redis]] = []
+
+    async def start(server: EmbeddedRedis | None = None, **overrides: Any) -> Node:
+        url = (server or redis_server).url
+        main = Redis.from_url(url)
+        listener = Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+        node = Node(replace(TEST_SETTINGS, **overrides), main, listener, SECRET)
+        await node.start()
+        started.append((node, main, listener))
+        return node
+
+    yield start
+    await Client.close_all()
+    for node, main, listener in started:
+        await node.stop()
+        await main.aclose()
+        await listener.aclose()
+
+
+def ws_url(node: Node) -> str:
+    return f"ws://127.0.0.1:{node.ws_port}/v1/ws"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
 from typing import Final
 
 #: Scales every timeout of the suite: raise it on a slow or busy machine.
@@ -26,3 +28,10 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+async def eventually(condition: Callable[[], bool], wait: float = 10) -> None:
+    """Wait until ``condition()`` holds: for state that no event announces."""
+    async with asyncio.timeout(timeout(wait)):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)

@@ -68,11 +68,13 @@ class NodeRegistry:
 
     async def add_session(self, session: SessionId, tenant: TenantId, user: UserId) -> None:
         with redis_errors():
-            await self.redis.hset(_sessions_key(self.node), session, keys.member(tenant, user))
+            await self.redis.hset(  # type: ignore[misc]
+                _sessions_key(self.node), session, keys.member(tenant, user)
+            )
 
     async def remove_session(self, session: SessionId) -> None:
         with redis_errors():
-            await self.redis.hdel(_sessions_key(self.node), session)
+            await self.redis.hdel(_sessions_key(self.node), session)  # type: ignore[misc]
 
     async def reap(self, store: PresenceStore) -> int:
         """End the sessions of every dead node this node can claim; returns how many."""
@@ -86,11 +88,12 @@ class NodeRegistry:
             for raw in dead:
                 node = raw.decode()
                 index = _sessions_key(node)
-                sessions = cast("dict[bytes, bytes]", await self.redis.hgetall(index))
-                for session, member in sessions.items():
+                sessions = cast("dict[bytes, bytes]", await self.redis.hgetall(index))  # type: ignore[misc]
+                for raw_session, member in sessions.items():
+                    session = raw_session.decode()
                     tenant, user = keys.parse_member(member.decode())
-                    await store.apply(tenant, user, SessionExpired(SessionId(session.decode())))
-                    await self.redis.hdel(index, session)
+                    await store.apply(tenant, user, SessionExpired(SessionId(session)))
+                    await self.redis.hdel(index, session)  # type: ignore[misc]
                     expired += 1
                 await self._forget(node)
         return expired

@@ -151,7 +151,7 @@ class PresenceStore:
         raise StoreContention(f"{tenant}:{user} kept changing; gave up after {_MAX_ATTEMPTS} tries")
 
     async def _read(self, tenant: TenantId, user: UserId) -> tuple[int, UserState]:
-        fields = await self.redis.hmget(keys.state_key(tenant, user), ["rev", "state"])
+        fields = await self.redis.hmget(keys.state_key(tenant, user), ["rev", "state"])  # type: ignore[misc]
         rev, blob = cast("list[bytes | None]", fields)
         if rev is None or blob is None:
             return 0, UserState()
