@@ -1,0 +1,113 @@
+"""`presence-hub serve` and `presence-hub token` as an operator runs them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from presence_hub.auth import verify_token
+from presence_hub.cli import settings_from
+from presence_hub.store.embedded import free_port
+from tests.utils import timeout
+from tests.wsclient import Client
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "presence_hub", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout(60),
+    )
+    return done.stdout.strip()
+
+
+async def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    async with asyncio.timeout(timeout(30)):
+        while True:
+            assert process.poll() is None, "the hub exited"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
+
+@pytest.mark.slow
+async def test_serve_with_no_configuration_keeps_state_across_restarts(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port = free_port()
+    env = {**os.environ, "PRESENCE_HUB_DATA_DIR": str(data)}
+    serve = [sys.executable, "-m", "presence_hub", "serve", "--ws-port", str(port)]
+    serve += ["--http-port", str(free_port())]
+    url = f"ws://127.0.0.1:{port}/v1/ws"
+
+    hub = subprocess.Popen(serve, env=env)
+    try:
+        await wait_for_port(port, hub)
+        token = run_cli("token", "--tenant", "acme", "--user", "alice", env=env)
+        alice = await Client.connect(url, token)
+        await alice.request({"type": "set_status", "status": "dnd"})
+        await alice.request({"type": "set_message", "text": "heads down"})
+        await alice.close()
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        assert hub.wait(timeout(30)) == 0
+
+    assert (data / "secret").stat().st_mode & 0o077 == 0, "the secret must be private"
+    hub = subprocess.Popen(serve, env=env)
+    try:
+        await wait_for_port(port, hub)
+        # A token made before the restart still works: the secret was kept.
+        alice = await Client.connect(url, token)
+        assert alice.welcome["self"]["manual"] == "dnd"
+        assert alice.welcome["self"]["message"] == "heads down"
+        await alice.close()
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        assert hub.wait(timeout(30)) == 0
+
+
+def test_token_carries_the_claims(tmp_path: Path) -> None:
+    token = run_cli(
+        "token", "--tenant", "acme", "--user", "pbx-1", "--role", "producer", "--ttl", "60",
+        env={"PRESENCE_HUB_SECRET": "s3cret-s3cret-s3cret-s3cret-s3cret"},
+    )  # fmt: skip
+    claims = verify_token(token, "s3cret-s3cret-s3cret-s3cret-s3cret")
+    assert (claims.tenant, claims.user, claims.role) == ("acme", "pbx-1", "producer")
+
+
+def test_token_refuses_bad_ids() -> None:
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_cli(
+            "token", "--tenant", "acme", "--user", "not valid", env={"PRESENCE_HUB_SECRET": "x"}
+        )
+    assert "tenant and user must match" in (failed.value.stderr or "")
+
+
+def test_flags_win_over_environment_over_defaults() -> None:
+    args = argparse.Namespace(grace=5.0, lease=None, log_json=None, redis_url=None)
+    env = {
+        "PRESENCE_HUB_GRACE": "20",
+        "PRESENCE_HUB_LEASE": "45",
+        "PRESENCE_HUB_LOG_JSON": "true",
+        "PRESENCE_HUB_REDIS_URL": "redis://example:6379",
+    }
+    settings = settings_from(args, env)
+    assert settings.grace == 5.0
+    assert settings.lease == 45.0
+    assert settings.log_json is True
+    assert settings.redis_url == "redis://example:6379"
+    assert settings.max_subscriptions == 10_000

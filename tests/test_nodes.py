@@ -1,0 +1,171 @@
+"""Several hub processes on one Redis, and the faults a deployment meets: dead nodes,
+stopped nodes and a restarted Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from presence_hub.store import EmbeddedRedis
+from presence_hub.store.embedded import free_port
+from tests.conftest import SECRET, StartNode, make_token, ws_url
+from tests.utils import timeout
+from tests.wsclient import Client
+
+pytestmark = pytest.mark.slow
+
+LEASE = 3.0
+
+
+class HubProcess:
+    """``presence-hub serve`` in a child process."""
+
+    def __init__(self, redis_url: str, tmp: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+        self.log = tmp / f"hub-{self.port}.log"
+        args = [
+            sys.executable, "-m", "presence_hub", "serve",
+            "--redis-url", redis_url, "--secret", SECRET,
+            "--ws-port", str(self.port), "--http-port", str(free_port()),
+            "--lease", str(LEASE), "--grace", "2", *extra,
+        ]  # fmt: skip
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    async def ready(self) -> None:
+        async with asyncio.timeout(timeout(30)):
+            while True:
+                assert self.process.poll() is None, self.log.read_text()
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                return
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout(15))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+async def spawn_hub(
+    redis_server: EmbeddedRedis, redis: Redis, tmp_path: Path
+) -> AsyncIterator[Callable[..., HubProcess]]:
+    """Hub processes on the shared Redis, emptied (by the redis fixture) for each test."""
+    hubs: list[HubProcess] = []
+
+    def spawn(*extra: str) -> HubProcess:
+        hub = HubProcess(redis_server.url, tmp_path, *extra)
+        hubs.append(hub)
+        return hub
+
+    yield spawn
+    await Client.close_all()
+    for hub in hubs:
+        hub.stop()
+
+
+async def test_a_client_on_one_node_sees_changes_made_through_another(
+    spawn_hub: Callable[..., HubProcess],
+) -> None:
+    node_a, node_b = spawn_hub(), spawn_hub()
+    await asyncio.gather(node_a.ready(), node_b.ready())
+    bob = await Client.connect(node_a.url, make_token("bob"))
+    await bob.request({"type": "subscribe", "users": ["alice"]})
+    alice = await Client.connect(node_b.url, make_token("alice"))
+    await bob.presence("alice", status="available")
+    await alice.request({"type": "set_status", "status": "busy"})
+    await bob.presence("alice", status="busy")
+    # And the user's own devices stay in sync across nodes.
+    phone = await Client.connect(node_a.url, make_token("alice"), device="mobile")
+    await alice.request({"type": "set_message", "text": "across nodes"})
+    own = await phone.expect(lambda f: f["type"] == "self" and f["message"] == "across nodes")
+    assert own["devices"] == ["desktop", "mobile"]
+
+
+async def test_the_users_of_a_killed_node_go_offline_within_the_lease(
+    spawn_hub: Callable[..., HubProcess],
+) -> None:
+    survivor, doomed = spawn_hub(), spawn_hub()
+    await asyncio.gather(survivor.ready(), doomed.ready())
+    bob = await Client.connect(survivor.url, make_token("bob"))
+    await bob.request({"type": "subscribe", "users": ["alice"]})
+    await Client.connect(doomed.url, make_token("alice"))
+    await bob.presence("alice", status="available")
+
+    killed_at = time.time()
+    doomed.signal(signal.SIGKILL)
+    offline = await bob.presence("alice", status="offline", wait=30)
+    # The lease, plus the grace of the session the dead node could not end.
+    assert offline["since"] - killed_at < LEASE + 2 + 1
+
+
+async def test_a_stopped_node_hands_its_users_over_without_a_flap(
+    spawn_hub: Callable[..., HubProcess],
+) -> None:
+    staying, leaving = spawn_hub(), spawn_hub()
+    await asyncio.gather(staying.ready(), leaving.ready())
+    bob = await Client.connect(staying.url, make_token("bob"))
+    await bob.request({"type": "subscribe", "users": ["alice", "carol"]})
+    alice = await Client.connect(leaving.url, make_token("alice"))
+    await bob.presence("alice", status="available")
+
+    leaving.signal(signal.SIGTERM)
+    closed = await alice.ws.wait_closed(), alice.ws.close_code
+    assert closed[1] in (1001, 1012)
+    await Client.connect(staying.url, make_token("alice"))
+    assert leaving.process.wait(timeout(15)) == 0
+    await asyncio.sleep(3)  # past the grace of the old session
+    carol = await Client.connect(staying.url, make_token("carol"))
+    await bob.presence("carol", status="available")
+    assert bob.updates_of("alice") == []
+    await carol.close()
+
+
+async def test_a_redis_restart_is_survived(start_node: StartNode, tmp_path: Path) -> None:
+    redis_server = EmbeddedRedis(tmp_path / "own-redis", port=free_port())
+    redis_server.start()
+    try:
+        node = await start_node(redis_server)
+        url = ws_url(node)
+        bob = await Client.connect(url, make_token("bob"))
+        await bob.request({"type": "subscribe", "users": ["alice"]})
+        alice = await Client.connect(url, make_token("alice"))
+        await alice.request({"type": "set_status", "status": "dnd"})
+        await bob.presence("alice", status="dnd")
+
+        redis_server.stop(kill=True)
+        failed = await alice.request({"type": "set_status", "status": "busy"})
+        assert (failed["type"], failed["code"]) == ("error", "unavailable")
+        redis_server.start()
+
+        # Retry as a client would, until the hub has its Redis back.
+        async with asyncio.timeout(timeout(30)):
+            while (await alice.request({"type": "set_status", "status": "away"}))["type"] != "ok":
+                await asyncio.sleep(0.2)
+        await bob.presence("alice", status="away", wait=30)
+        query = await bob.request({"type": "query", "users": ["alice"]})
+        assert query["presences"][0]["status"] == "away"
+    finally:
+        await Client.close_all()
+        redis_server.stop()
