@@ -31,6 +31,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout.strip()
 
 
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, env=env)
+
+
 async def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     async with asyncio.timeout(timeout(30)):
         while True:
@@ -54,7 +58,7 @@ async def test_serve_with_no_configuration_keeps_state_across_restarts(tmp_path:
     serve += ["--http-port", str(free_port())]
     url = f"ws://127.0.0.1:{port}/v1/ws"
 
-    hub = subprocess.Popen(serve, env=env)
+    hub = start(serve, env)
     try:
         await wait_for_port(port, hub)
         token = run_cli("token", "--tenant", "acme", "--user", "alice", env=env)
@@ -67,7 +71,7 @@ async def test_serve_with_no_configuration_keeps_state_across_restarts(tmp_path:
         assert hub.wait(timeout(30)) == 0
 
     assert (data / "secret").stat().st_mode & 0o077 == 0, "the secret must be private"
-    hub = subprocess.Popen(serve, env=env)
+    hub = start(serve, env)
     try:
         await wait_for_port(port, hub)
         # A token made before the restart still works: the secret was kept.
