@@ -172,6 +172,7 @@ class Hub:
 
     async def watch(self, conn: Connection, users: Iterable[UserId]) -> None:
         """Listen for ``users`` on conn's behalf; returns once Redis confirmed the subscription."""
+        self._check_listening()
         new, waits = [], []
         for user in users:
             conn.watching.setdefault(user, -1)
@@ -201,6 +202,7 @@ class Hub:
 
     async def join(self, conn: Connection) -> None:
         """Register one of the user's own sessions, to receive their ``self`` updates."""
+        self._check_listening()
         self.connections.add(conn)
         channel = keys.self_channel(conn.tenant, conn.user)
         owners = self._owners[channel]
@@ -221,6 +223,10 @@ class Hub:
             if not owners:
                 del self._owners[channel]
                 self._unsubscribe([channel])
+
+    def _check_listening(self) -> None:
+        if not self._ready.is_set():
+            raise StoreUnavailable("not listening on Redis; retry later")
 
     async def _subscribe(self, channels: list[str], waits: list[asyncio.Future[None]]) -> None:
         if channels:

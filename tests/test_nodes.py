@@ -11,8 +11,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgpack
 import pytest
 from redis.asyncio import Redis
+from websockets.asyncio.client import connect
 
 from presence_hub.store import EmbeddedRedis
 from presence_hub.store.embedded import free_port
@@ -142,33 +144,37 @@ async def test_a_stopped_node_hands_its_users_over_without_a_flap(
     await carol.close()
 
 
-async def test_a_redis_restart_is_survived(start_node: StartNode, tmp_path: Path) -> None:
-    redis_server = EmbeddedRedis(tmp_path / "own-redis", port=free_port())
+async def test_a_redis_restart_is_survived(
+    own_redis_server: EmbeddedRedis, start_node: StartNode
+) -> None:
+    redis_server = own_redis_server
+    node = await start_node(redis_server)
+    url = ws_url(node)
+    bob = await Client.connect(url, make_token("bob"))
+    await bob.request({"type": "subscribe", "users": ["alice"]})
+    token = make_token("alice")
+    alice = await Client.connect(url, token)
+    await alice.request({"type": "set_status", "status": "dnd"})
+    await bob.presence("alice", status="dnd")
+
+    redis_server.stop(kill=True)
+    failed = await alice.request({"type": "set_status", "status": "busy"})
+    assert (failed["type"], failed["code"]) == ("error", "unavailable")
+    # A newcomer is told, and closed with 1011, rather than left hanging.
+    async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        error = msgpack.unpackb(await asyncio.wait_for(ws.recv(), timeout(40)))
+        assert error["code"] == "unavailable"
+        await ws.wait_closed()
+    assert ws.close_code == 1011
     redis_server.start()
-    try:
-        node = await start_node(redis_server)
-        url = ws_url(node)
-        bob = await Client.connect(url, make_token("bob"))
-        await bob.request({"type": "subscribe", "users": ["alice"]})
-        alice = await Client.connect(url, make_token("alice"))
-        await alice.request({"type": "set_status", "status": "dnd"})
-        await bob.presence("alice", status="dnd")
 
-        redis_server.stop(kill=True)
-        failed = await alice.request({"type": "set_status", "status": "busy"})
-        assert (failed["type"], failed["code"]) == ("error", "unavailable")
-        redis_server.start()
-
-        # Retry as a client would, until the hub has its Redis back.
-        for _ in range(150):
-            if (await alice.request({"type": "set_status", "status": "away"}))["type"] == "ok":
-                break
-            await asyncio.sleep(0.2)
-        else:
-            pytest.fail("the hub never got its Redis back")
-        await bob.presence("alice", status="away", wait=30)
-        query = await bob.request({"type": "query", "users": ["alice"]})
-        assert query["presences"][0]["status"] == "away"
-    finally:
-        await Client.close_all()
-        redis_server.stop()
+    # Retry as a client would, until the hub has its Redis back.
+    for _ in range(150):
+        if (await alice.request({"type": "set_status", "status": "away"}))["type"] == "ok":
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail("the hub never got its Redis back")
+    await bob.presence("alice", status="away", wait=30)
+    query = await bob.request({"type": "query", "users": ["alice"]})
+    assert query["presences"][0]["status"] == "away"
