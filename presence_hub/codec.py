@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 import msgpack
 
@@ -57,12 +57,14 @@ RequestId: TypeAlias = int | str | None
 
 @dataclass(frozen=True, slots=True)
 class SetStatus:
+    type: ClassVar[str] = "set_status"
     id: RequestId
     status: Manual
 
 
 @dataclass(frozen=True, slots=True)
 class SetMessage:
+    type: ClassVar[str] = "set_message"
     id: RequestId
     text: str | None
     expires_at: float | None
@@ -70,17 +72,20 @@ class SetMessage:
 
 @dataclass(frozen=True, slots=True)
 class SetSettings:
+    type: ClassVar[str] = "set_settings"
     id: RequestId
     auto_away_after: float | None
 
 
 @dataclass(frozen=True, slots=True)
 class ActivityReport:
+    type: ClassVar[str] = "activity"
     id: RequestId
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
+    type: ClassVar[str] = "subscribe"
     id: RequestId
     users: list[UserId]
     known: dict[UserId, int]
@@ -88,24 +93,28 @@ class Subscribe:
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
+    type: ClassVar[str] = "unsubscribe"
     id: RequestId
     users: list[UserId]
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
+    type: ClassVar[str] = "query"
     id: RequestId
     users: list[UserId]
 
 
 @dataclass(frozen=True, slots=True)
 class AuthRefresh:
+    type: ClassVar[str] = "auth"
     id: RequestId
     token: str
 
 
 @dataclass(frozen=True, slots=True)
 class EventRequest:
+    type: ClassVar[str] = "event"
     id: RequestId
     event: Mapping[str, Any]
 

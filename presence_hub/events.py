@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
@@ -10,9 +12,10 @@ from presence_hub import rules
 from presence_hub.codec import is_number
 from presence_hub.errors import FrameError
 from presence_hub.ids import TenantId, UserId, is_valid_id
+from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
 
-__all__ = ["EVENT_KINDS", "EventKind", "ProducerEvent", "apply_event", "parse_event"]
+__all__ = ["EVENT_KINDS", "EventKind", "ProducerEvent", "apply_events", "parse_event"]
 
 EventKind: TypeAlias = Literal["call_started", "call_ended", "meeting_started", "meeting_ended"]
 EVENT_KINDS: Final[tuple[EventKind, ...]] = (
@@ -83,16 +86,43 @@ def parse_event(raw: Mapping[str, Any]) -> ProducerEvent:
     )
 
 
-async def apply_event(store: PresenceStore, tenant: TenantId, raw: Any) -> dict[str, Any]:
-    """One result map of PROTOCOL.md: event_id, result and, when rejected, error."""
-    try:
-        event = parse_event(raw)
-    except FrameError as exc:
-        event_id = raw.get("event_id") if isinstance(raw, Mapping) else None
-        return {
-            "event_id": event_id if isinstance(event_id, str) else None,
-            "result": "rejected",
-            "error": exc.message,
-        }
-    applied = await store.apply(tenant, event.user, event.to_input(), event_id=event.event_id)
-    return {"event_id": event.event_id, "result": applied.result}
+async def apply_events(
+    store: PresenceStore,
+    tenant: TenantId,
+    raws: Sequence[Any],
+    *,
+    origin: float | None = None,
+    metrics: Metrics | None = None,
+) -> list[dict[str, Any]]:
+    """One result map of PROTOCOL.md per event, in order: event_id, result and, when
+    rejected, error. Each user's events apply in the order given; users in parallel."""
+    results: list[dict[str, Any]] = [{} for _ in raws]
+    by_user: dict[UserId, list[tuple[int, ProducerEvent]]] = defaultdict(list)
+    for n, raw in enumerate(raws):
+        try:
+            event = parse_event(raw)
+        except FrameError as exc:
+            event_id = raw.get("event_id") if isinstance(raw, Mapping) else None
+            results[n] = {
+                "event_id": event_id if isinstance(event_id, str) else None,
+                "result": "rejected",
+                "error": exc.message,
+            }
+            if metrics is not None:
+                kind = raw.get("kind") if isinstance(raw, Mapping) else None
+                label = kind if kind in EVENT_KINDS else "invalid"
+                metrics.events.labels(label, "rejected").inc()
+            continue
+        by_user[event.user].append((n, event))
+
+    async def apply_in_order(events: list[tuple[int, ProducerEvent]]) -> None:
+        for n, event in events:
+            applied = await store.apply(
+                tenant, event.user, event.to_input(), event_id=event.event_id, origin=origin
+            )
+            results[n] = {"event_id": event.event_id, "result": applied.result}
+            if metrics is not None:
+                metrics.events.labels(event.kind, applied.result).inc()
+
+    await asyncio.gather(*(apply_in_order(events) for events in by_user.values()))
+    return results

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, Final
@@ -34,6 +35,7 @@ from presence_hub import codec
 from presence_hub.codec import Format
 from presence_hub.errors import StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.metrics import Metrics
 from presence_hub.rules import Device, self_view
 from presence_hub.store import PresenceStore, keys
 
@@ -49,12 +51,19 @@ SUBSCRIBE_CHUNK: Final = 1000
 class Update:
     """One published frame, encoded at most once per format however many sockets get it."""
 
-    __slots__ = ("_json", "map", "raw")
+    __slots__ = ("_json", "map", "origin", "raw")
 
-    def __init__(self, raw: bytes, frame: dict[str, Any]) -> None:
+    def __init__(self, raw: bytes, frame: dict[str, Any], origin: float | None = None) -> None:
         self.raw = raw
         self.map = frame
+        #: When the input that caused it arrived (None for a resync).
+        self.origin = origin
         self._json: str | None = None
+
+    @classmethod
+    def published(cls, data: bytes) -> Update:
+        origin, raw = msgpack.unpackb(data)
+        return cls(raw, msgpack.unpackb(raw), origin)
 
     def encoded(self, fmt: Format) -> bytes | str:
         if fmt == "msgpack":
@@ -78,8 +87,10 @@ class Connection:
         session: SessionId,
         device: Device,
         send_timeout: float,
+        metrics: Metrics,
     ) -> None:
         self.ws = ws
+        self.metrics = metrics
         self.fmt: Format = fmt
         self.tenant = tenant
         self.user = user
@@ -105,6 +116,7 @@ class Connection:
         self.watching[user] = ver
         if user in self._pending:
             self.coalesced += 1
+            self.metrics.coalesced.inc()
         self._pending[user] = update
         self._wake.set()
 
@@ -116,6 +128,7 @@ class Connection:
             self._wake.set()
 
     async def send(self, frame: dict[str, Any]) -> None:
+        self.metrics.frames_out.labels(frame["type"]).inc()
         await self.ws.send(codec.encode(frame, self.fmt))
 
     async def pump(self) -> None:
@@ -127,32 +140,47 @@ class Connection:
                 own, self._pending_self = self._pending_self, None
                 batch, self._pending = self._pending, {}
                 if own is not None:
-                    await self._write(own.encoded(self.fmt))
+                    await self._write(own.encoded(self.fmt), "self")
                 if len(batch) == 1:
                     (update,) = batch.values()
-                    await self._write(update.encoded(self.fmt))
+                    await self._write(update.encoded(self.fmt), "presence")
                 elif batch:
-                    items = [
-                        {k: v for k, v in u.map.items() if k != "type"} for u in batch.values()
-                    ]
-                    for start in range(0, len(items), BATCH):
-                        frame = {"type": "presences", "items": items[start : start + BATCH]}
-                        await self._write(codec.encode(frame, self.fmt))
+                    updates = list(batch.values())
+                    for start in range(0, len(updates), BATCH):
+                        chunk = updates[start : start + BATCH]
+                        items = [{k: v for k, v in u.map.items() if k != "type"} for u in chunk]
+                        frame = {"type": "presences", "items": items}
+                        await self._write(codec.encode(frame, self.fmt), "presences")
+                self._delivered(batch.values())
         except ConnectionClosed:
             pass
         except TimeoutError:
             log.info("closing %s/%s: fell too far behind", self.tenant, self.user)
+            self.metrics.slow_consumer_closes.inc()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(1013, "fell too far behind"), 5)
             self.ws.transport.abort()
 
-    async def _write(self, data: bytes | str) -> None:
+    async def _write(self, data: bytes | str, kind: str) -> None:
         await asyncio.wait_for(self.ws.send(data), self.send_timeout)
+        self.metrics.frames_out.labels(kind).inc()
+
+    def _delivered(self, updates: Iterable[Update]) -> None:
+        now = time.time()
+        count = 0
+        for update in updates:
+            count += 1
+            if update.origin is not None:
+                self.metrics.update_latency.observe(now - update.origin)
+        self.metrics.deliveries.inc(count)
 
 
 class Hub:
-    def __init__(self, store: PresenceStore, pubsub_redis: Redis, node_channel: str) -> None:
+    def __init__(
+        self, store: PresenceStore, pubsub_redis: Redis, node_channel: str, metrics: Metrics
+    ) -> None:
         self.store = store
+        self.metrics = metrics
         self._redis = pubsub_redis
         self._node_channel = node_channel
         #: presence channel -> local connections watching that user
@@ -183,6 +211,7 @@ class Hub:
             elif channel in self._confirmed:
                 waits.append(self._confirmed[channel])
             watchers.add(conn)
+        self.metrics.subscriptions.set(len(self._watchers))
         await self._subscribe(new, waits)
 
     def unwatch(self, conn: Connection, users: Iterable[UserId]) -> None:
@@ -198,6 +227,7 @@ class Hub:
             if not watchers:
                 del self._watchers[channel]
                 gone.append(channel)
+        self.metrics.subscriptions.set(len(self._watchers))
         self._unsubscribe(gone)
 
     async def join(self, conn: Connection) -> None:
@@ -310,14 +340,14 @@ class Hub:
         if channel.endswith(":p"):
             watchers = self._watchers.get(channel)
             if watchers:
-                update = Update(data, msgpack.unpackb(data))
+                update = Update.published(data)
                 user = UserId(update.map["user"])
                 for conn in watchers:
                     conn.offer(user, update)
         elif channel.endswith(":s"):
             owners = self._owners.get(channel)
             if owners:
-                update = Update(data, msgpack.unpackb(data))
+                update = Update.published(data)
                 for conn in owners:
                     conn.offer_self(update)
 

@@ -16,6 +16,7 @@ from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
+from aiohttp import web
 from redis.asyncio import Redis
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -23,13 +24,15 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from presence_hub import codec, rules
+from presence_hub.api import make_app
 from presence_hub.auth import Claims, verify_token
 from presence_hub.codec import FORMATS
 from presence_hub.config import Settings
 from presence_hub.errors import AuthError, FrameError, StoreError, StoreUnavailable
-from presence_hub.events import apply_event
+from presence_hub.events import apply_events
 from presence_hub.hub import Connection, Hub
-from presence_hub.ids import SessionId, UserId
+from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
 from presence_hub.store.nodes import NodeRegistry
 
@@ -72,20 +75,30 @@ class Node:
         self.settings = settings
         self.secret = secret
         self.id = uuid.uuid4().hex[:12]
+        self.metrics = Metrics()
         self.store = PresenceStore(redis)
         self.registry = NodeRegistry(redis, self.id, settings.lease)
-        self.hub = Hub(self.store, pubsub_redis, f"ph:node:{self.id}")
+        self.hub = Hub(self.store, pubsub_redis, f"ph:node:{self.id}", self.metrics)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._server: Server | None = None
+        self._http: web.AppRunner | None = None
         self._cleanup: set[asyncio.Task[None]] = set()
+        #: True while the node takes WebSocket connections (for /readyz).
+        self.accepting = False
 
     @property
     def ws_port(self) -> int:
         assert self._server is not None
         port: int = next(iter(self._server.sockets)).getsockname()[1]
+        return port
+
+    @property
+    def http_port(self) -> int:
+        assert self._http is not None
+        port: int = self._http.addresses[0][1]
         return port
 
     async def start(self) -> None:
@@ -104,12 +117,23 @@ class Node:
             # Updates never wait on a socket's receive side; keep its queue short.
             max_queue=4,
         )
+        self._http = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+        await self._http.setup()
+        await web.TCPSite(self._http, self.settings.host, self.settings.http_port).start()
+        self.accepting = True
         log.info(
-            "node %s listening on ws://%s:%d%s", self.id, self.settings.host, self.ws_port, WS_PATH
+            "node %s listening on ws://%s:%d%s and http://%s:%d",
+            self.id,
+            self.settings.host,
+            self.ws_port,
+            WS_PATH,
+            self.settings.host,
+            self.http_port,
         )
 
     async def stop(self, code: int = 1001) -> None:
         """Close every socket with ``code``; their sessions enter the grace period."""
+        self.accepting = False
         if self._server is not None:
             self._server.close(close_connections=False)
             await asyncio.gather(
@@ -122,6 +146,8 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.cleanup()
         with contextlib.suppress(StoreError):
             await self.registry.deregister()
         log.info("node %s stopped", self.id)
@@ -183,6 +209,7 @@ class Node:
             session=SessionId(uuid.uuid4().hex),
             device=admission.device,
             send_timeout=self.settings.send_timeout,
+            metrics=self.metrics,
         )
         try:
             await self.hub.join(conn)
@@ -192,6 +219,7 @@ class Node:
             )
         except (StoreError, TimeoutError) as exc:
             self.hub.leave(conn)
+            self.metrics.redis_errors.inc()
             log.warning("refusing %s/%s: %s", conn.tenant, conn.user, exc)
             with contextlib.suppress(ConnectionClosed):
                 await conn.send(codec.error_frame("unavailable", "store unavailable; retry later"))
@@ -214,11 +242,14 @@ class Node:
         log.info(
             "session %s opened: %s/%s on %s", conn.session, conn.tenant, conn.user, conn.device
         )
+        self.metrics.sessions_opened.labels(conn.device).inc()
+        self.metrics.connections.labels(conn.device).inc()
         pump = asyncio.create_task(conn.pump())
         expiry = asyncio.create_task(self._expire_token(conn, claims.expires_at))
         try:
             await self._serve(conn, claims)
         finally:
+            self.metrics.connections.labels(conn.device).dec()
             pump.cancel()
             expiry.cancel()
             self.hub.leave(conn)
@@ -279,14 +310,21 @@ class Node:
         self, conn: Connection, claims: Claims, data: bytes | str
     ) -> dict[str, Any] | None:
         request_id: codec.RequestId = None
+        arrived = time.time()
         try:
-            request = codec.decode_request(data, conn.fmt)
+            try:
+                request = codec.decode_request(data, conn.fmt)
+            except FrameError:
+                self.metrics.frames_in.labels("invalid").inc()
+                raise
+            self.metrics.frames_in.labels(request.type).inc()
             request_id = request.id
-            return await self._dispatch(conn, claims, request)
+            return await self._dispatch(conn, claims, request, arrived)
         except FrameError as exc:
             rid = exc.request_id if exc.request_id is not None else request_id
             return codec.error_frame(exc.code, exc.message, rid)
         except (StoreUnavailable, TimeoutError):
+            self.metrics.redis_errors.inc()
             return codec.error_frame("unavailable", "store unavailable; retry later", request_id)
         except ConnectionClosed:
             raise
@@ -295,10 +333,14 @@ class Node:
             return codec.error_frame("internal", "internal error", request_id)
 
     async def _dispatch(
-        self, conn: Connection, claims: Claims, request: codec.Request
+        self, conn: Connection, claims: Claims, request: codec.Request, arrived: float
     ) -> dict[str, Any] | None:
         s = self.settings
-        apply = self.store.apply
+
+        async def apply(tenant: TenantId, user: UserId, change: rules.Input) -> None:
+            with self.metrics.store_seconds.labels("apply").time():
+                await self.store.apply(tenant, user, change, origin=arrived)
+
         match request:
             case codec.SetStatus(status=status):
                 await apply(conn.tenant, conn.user, rules.ManualStatusSet(status))
@@ -344,7 +386,10 @@ class Node:
             case codec.EventRequest(event=event):
                 if claims.role != "producer":
                     raise FrameError("forbidden", "events need the producer role")
-                result = await apply_event(self.store, conn.tenant, event)
+                with self.metrics.store_seconds.labels("events").time():
+                    (result,) = await apply_events(
+                        self.store, conn.tenant, [event], origin=arrived, metrics=self.metrics
+                    )
                 return {"type": "ok", "id": request.id, "result": result}
         return {"type": "ok", "id": request.id}
 
@@ -357,7 +402,8 @@ class Node:
         self, conn: Connection, users: list[UserId], known: dict[UserId, int]
     ) -> list[dict[str, Any]]:
         unique = list(dict.fromkeys(users))
-        views = await self.store.views(conn.tenant, unique)
+        with self.metrics.store_seconds.labels("views").time():
+            views = await self.store.views(conn.tenant, unique)
         presences = []
         for user, view in zip(unique, views, strict=True):
             if user in conn.watching:

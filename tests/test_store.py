@@ -48,7 +48,8 @@ async def listening(redis: Redis, *channels: str) -> AsyncIterator[PubSub]:
 async def next_frame(pubsub: PubSub) -> dict[str, Any]:
     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout(5))
     assert message is not None, "nothing was published"
-    frame: dict[str, Any] = msgpack.unpackb(message["data"])
+    _origin, raw = msgpack.unpackb(message["data"])
+    frame: dict[str, Any] = msgpack.unpackb(raw)
     return frame
 
 

@@ -104,15 +104,25 @@ class PresenceStore:
         event: rules.Input,
         *,
         event_id: str | None = None,
+        origin: float | None = None,
     ) -> Applied:
-        """Apply one input to one user, atomically; ``event_id`` makes it idempotent."""
+        """Apply one input to one user, atomically; ``event_id`` makes it idempotent.
+
+        ``origin`` is when the input arrived; it travels with the published update,
+        so that the latency to each subscriber can be measured.
+        """
         try:
-            return await self._apply(tenant, user, event, event_id)
+            return await self._apply(tenant, user, event, event_id, origin)
         except RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def _apply(
-        self, tenant: TenantId, user: UserId, event: rules.Input, event_id: str | None
+        self,
+        tenant: TenantId,
+        user: UserId,
+        event: rules.Input,
+        event_id: str | None,
+        origin: float | None = None,
     ) -> Applied:
         state_key = keys.state_key(tenant, user)
         event_key = keys.event_key(tenant, user, event_id) if event_id is not None else None
@@ -120,25 +130,31 @@ class PresenceStore:
             if event_key is not None and await self.redis.exists(event_key):
                 return Applied("duplicate", None)
             rev, state = await self._read(tenant, user)
-            outcome = rules.apply(state, event, self._clock())
+            now = self._clock()
+            outcome = rules.apply(state, event, now)
             changed = outcome.state != state
             # A timer must always commit: its claim moved the user's due time.
             if not changed and event_key is None and not isinstance(event, TimerFired):
                 return Applied(outcome.result, outcome)
+            view = _pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
+            sent_at = now if origin is None else origin
             committed = await self._commit(
                 keys=[state_key, keys.timer_bucket(tenant, user)]
                 + ([event_key] if event_key is not None else []),
                 args=[
                     rev,
                     encode_state(outcome.state) if changed else b"",
-                    _pack(codec.presence_frame(user, outcome.view)) if outcome.view else b"",
-                    _pack(codec.self_frame(outcome.self_view)) if outcome.self_view else b"",
+                    view,
+                    _pack([sent_at, _pack(codec.self_frame(outcome.self_view))])
+                    if outcome.self_view
+                    else b"",
                     keys.member(tenant, user),
                     "" if outcome.due is None else repr(outcome.due),
                     keys.presence_channel(tenant, user),
                     keys.self_channel(tenant, user),
                     outcome.result,
                     self._event_ttl,
+                    _pack([sent_at, view]) if view else b"",
                 ],
             )
             if committed == -2:

@@ -7,13 +7,14 @@
 -- ARGV[1] - the revision the transition was computed from (0 for a new user)
 -- ARGV[2] - the new state blob, or "" when the state itself did not change
 -- ARGV[3] - the new presence frame (observer view), or "" when it did not change
--- ARGV[4] - the new self frame, or "" when it did not change
+-- ARGV[4] - what to publish on the self channel, or "" when the self view did not change
 -- ARGV[5] - the timer member (tenant:user)
 -- ARGV[6] - the next due time, or "" for none
 -- ARGV[7] - the presence channel
 -- ARGV[8] - the self channel
 -- ARGV[9] - with KEYS[3]: the event's result, to remember
 -- ARGV[10] - with KEYS[3]: how long to remember it, in seconds
+-- ARGV[11] - what to publish on the presence channel (the frame and its origin time)
 -- Returns the revision now stored, -1 on a conflict, -2 for a duplicate event.
 local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if rev ~= tonumber(ARGV[1]) then
@@ -28,7 +29,7 @@ if ARGV[2] ~= '' then
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'view', ARGV[3])
-  redis.call('PUBLISH', ARGV[7], ARGV[3])
+  redis.call('PUBLISH', ARGV[7], ARGV[11])
 end
 if ARGV[4] ~= '' then
   redis.call('PUBLISH', ARGV[8], ARGV[4])

@@ -1,0 +1,209 @@
+"""The HTTP API of PROTOCOL.md, for producers, call routing and operators. Wiring only."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final
+
+import msgpack
+from aiohttp import web
+
+from presence_hub import codec, rules
+from presence_hub.auth import Claims, Role, verify_token
+from presence_hub.errors import AuthError, StoreError
+from presence_hub.events import apply_events
+from presence_hub.ids import UserId, is_valid_id
+
+if TYPE_CHECKING:
+    from presence_hub.server import Node
+
+__all__ = ["MAX_BODY", "MAX_EVENTS", "make_app"]
+
+MAX_EVENTS: Final = 1000
+#: 1000 events of the largest allowed size fit well within this.
+MAX_BODY: Final = 2 * 1024 * 1024
+
+RULE_REASONS: Final = {
+    1: "no live session",
+    2: "manual status is invisible",
+    3: "manual status is dnd",
+    4: "manual status is busy",
+    5: "manual status is away",
+    6: "manual status is available and at least one call is open",
+    7: "manual status is available and at least one meeting is open",
+    8: "available, auto-away on, no mobile session, inactive longer than the setting",
+    9: "otherwise available",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NODE: web.AppKey[Node] = web.AppKey("node")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _authorize(request: web.Request, roles: tuple[Role, ...]) -> Claims:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() != "bearer ":
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": "missing bearer token"}),
+            content_type="application/json",
+            headers={"WWW-Authenticate": 'Bearer realm="presence-hub"'},
+        )
+    try:
+        claims = verify_token(header[7:].strip(), request.app[NODE].secret)
+    except AuthError as exc:
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": str(exc)}),
+            content_type="application/json",
+            headers={"WWW-Authenticate": 'Bearer realm="presence-hub"'},
+        ) from exc
+    if claims.role not in roles:
+        raise web.HTTPForbidden(
+            text=json.dumps({"error": f"needs the {' or '.join(roles)} role"}),
+            content_type="application/json",
+        )
+    return claims
+
+
+async def post_events(request: web.Request) -> web.Response:
+    arrived = time.time()
+    claims = _authorize(request, ("producer", "admin"))
+    node = request.app[NODE]
+    raw = await request.read()  # over MAX_BODY: aiohttp answers 413
+    try:
+        if request.content_type == "application/msgpack":
+            body = msgpack.unpackb(raw)
+        else:
+            body = json.loads(raw)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        return _error(400, f"malformed body: {exc}")
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+        return _error(400, 'the body must be {"events": [Event, ...]}')
+    events = body["events"]
+    if len(events) > MAX_EVENTS:
+        return _error(413, f"at most {MAX_EVENTS} events in a request")
+    with node.metrics.store_seconds.labels("events").time():
+        results = await apply_events(
+            node.store, claims.tenant, events, origin=arrived, metrics=node.metrics
+        )
+    return web.json_response({"results": results})
+
+
+async def get_presence(request: web.Request) -> web.Response:
+    claims = _authorize(request, ("producer", "admin"))
+    node = request.app[NODE]
+    users = [u for u in request.query.get("users", "").split(",") if u]
+    if not users or not all(is_valid_id(u) for u in users):
+        return _error(400, "users must be a comma-separated list of user ids")
+    if len(users) > MAX_EVENTS:
+        return _error(400, f"at most {MAX_EVENTS} users in a request")
+    presences = []
+    for user in users:
+        state = await node.store.load(claims.tenant, UserId(user))
+        status, rule = rules.decide(state)
+        presence = codec.presence_map(user, state.view)
+        # An invisible user with a live session takes calls (rule 2); offline and dnd do not.
+        presence["accepts_calls"] = rule == 2 or status not in ("dnd", "offline")
+        presences.append(presence)
+    return web.json_response({"presences": presences})
+
+
+async def explain(request: web.Request) -> web.Response:
+    claims = _authorize(request, ("admin",))
+    node = request.app[NODE]
+    user = request.match_info["user"]
+    if not is_valid_id(user):
+        return _error(400, "not a valid user id")
+    stored = await node.store.load(claims.tenant, UserId(user))
+    # What the state is now, even if a due timer has not fired yet; nothing is written.
+    state = rules.apply(stored, rules.TimerFired(), time.time()).state
+    status, rule = rules.decide(state)
+    return web.json_response(
+        {
+            "user": user,
+            "effective": status,
+            "rule": rule,
+            "reason": RULE_REASONS[rule],
+            "presence": codec.presence_map(user, state.view),
+            "manual": state.manual,
+            "message": state.message,
+            "message_expires_at": state.message_expires_at,
+            "sessions": [
+                {
+                    "session": sid,
+                    "device": s.device,
+                    "node": s.node,
+                    "since": s.since,
+                    "grace_until": s.grace_until,
+                }
+                for sid, s in state.sessions.items()
+            ],
+            "calls": _activities(state.calls),
+            "meetings": _activities(state.meetings),
+            "last_activity": state.last_activity,
+            "auto_away_after": state.auto_away_after,
+            "idle": state.idle,
+        }
+    )
+
+
+def _activities(open_ones: Any) -> list[dict[str, Any]]:
+    return [
+        {"ref": ref, "started": a.started, "expires_at": a.deadline} for ref, a in open_ones.items()
+    ]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    problems = []
+    try:
+        await node.store.redis.ping()  # type: ignore[misc]
+    except Exception:  # any failure to answer means not ready
+        problems.append("redis does not answer")
+    if not node.accepting:
+        problems.append("not accepting connections")
+    if problems:
+        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[NODE].metrics.exposition()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    document = resources.files("presence_hub").joinpath("openapi.json").read_bytes()
+    return web.Response(body=document, content_type="application/json")
+
+
+@web.middleware
+async def store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Redis away: 503, so that producers retry; nothing half-done stays visible."""
+    try:
+        return await handler(request)
+    except StoreError as exc:
+        request.app[NODE].metrics.redis_errors.inc()
+        return web.json_response({"error": f"store unavailable: {exc}"}, status=503)
+
+
+def make_app(node: Node) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[store_errors])
+    app[NODE] = node
+    app.router.add_post("/v1/events", post_events)
+    app.router.add_get("/v1/presence", get_presence)
+    app.router.add_get("/v1/users/{user}/explain", explain)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app
