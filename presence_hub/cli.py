@@ -1,9 +1,10 @@
-"""``presence-hub serve | token``."""
+"""``presence-hub serve | token | watch``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from presence_hub.config import Settings
 from presence_hub.errors import PresenceHubError
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis
+from presence_hub.watch import watch
 
 __all__ = ["main"]
 
@@ -146,6 +148,12 @@ async def _serve(settings: Settings, url: str, secret: str) -> None:
     await pubsub_redis.aclose()
 
 
+def _local_token(args: argparse.Namespace, environ: dict[str, str], tenant: str, user: str) -> str:
+    settings = settings_from(args, environ)
+    secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
+    return issue_token(secret, tenant=tenant, user=user)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="presence-hub", description="Real-time presence hub.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,11 +172,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     token_parser.add_argument(
         "--data-dir", type=Path, default=None, help=f"(env {ENV_PREFIX}DATA_DIR)"
     )
+    watch_parser = commands.add_parser(
+        "watch",
+        help="a live view of some users' presence",
+        description="Show users' presence in the terminal, updated as it changes.",
+    )
+    watch_parser.add_argument("users", nargs="+", help="the users to watch")
+    watch_parser.add_argument("--url", default="ws://127.0.0.1:8765/v1/ws")
+    watch_parser.add_argument(
+        "--token",
+        default=os.environ.get(ENV_PREFIX + "TOKEN"),
+        help=f"(env {ENV_PREFIX}TOKEN); none: sign one with the local secret",
+    )
+    watch_parser.add_argument("--tenant", default="acme", help="with no token (default acme)")
+    watch_parser.add_argument("--user", default="watcher", help="with no token (default watcher)")
+    watch_parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     environ = dict(os.environ)
     try:
         if args.command == "serve":
             serve(settings_from(args, environ))
+        elif args.command == "watch":
+            token = args.token or _local_token(args, environ, args.tenant, args.user)
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(watch(args.url, token, args.users))
         else:
             settings = settings_from(args, environ)
             secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
