@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""Load test a presence hub: N simulated clients with K contacts each, and producers.
+
+    scripts/loadtest.py --clients 1000 --contacts 50 --rate 500 --duration 20 \\
+        --url ws://127.0.0.1:8765/v1/ws --http-url http://127.0.0.1:8766 --secret S
+
+Clients are spread over --workers processes and speak the wire protocol with a
+minimal WebSocket reader of their own (a general-purpose WebSocket library
+would make the load generator saturate before the hub). Producers change the
+clients' own state at --rate changes per second with a realistic mix (message
+and status changes over the clients' sockets, calls and meetings over the HTTP
+API, activity reports). At the end every client's view of every contact is
+compared with the hub's truth, and a report gives connect time, throughput,
+latency percentiles and the hub's CPU and memory. Every loop is bounded by
+--duration and --max-changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import os
+import random
+import statistics
+import struct
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgpack
+from websockets.utils import apply_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from presence_hub.auth import issue_token  # noqa: E402
+
+MIX_DEFAULT = "message=0.45,status=0.15,call=0.15,meeting=0.1,activity=0.15"
+LAT_PREFIX = "lt:"
+
+
+# --- A minimal WebSocket client --------------------------------------------------------
+
+
+class LightClient(asyncio.Protocol):
+    """One simulated client: reads frames with as little work as possible."""
+
+    def __init__(self, user: str, stats: WorkerStats) -> None:
+        self.user = user
+        self.stats = stats
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.handshake_done = asyncio.get_running_loop().create_future()
+        self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.view: dict[str, tuple[int, str, Any]] = {}
+        self.upgraded = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(ConnectionError("closed during handshake"))
+        for future in self.replies.values():
+            if not future.done():
+                future.set_exception(ConnectionError("closed"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(self.buffer[:12])
+            del self.buffer[: end + 4]
+            if b" 101" not in status:
+                self.handshake_done.set_exception(ConnectionError(status.decode(errors="replace")))
+                return
+            self.upgraded = True
+            self.handshake_done.set_result(None)
+        self._frames()
+
+    def _frames(self) -> None:
+        buf = self.buffer
+        pos = 0
+        now = time.time()
+        while len(buf) - pos >= 2:
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if len(buf) - pos < 4:
+                    break
+                length = struct.unpack_from("!H", buf, pos + 2)[0]
+                head = 4
+            elif length == 127:
+                if len(buf) - pos < 10:
+                    break
+                length = struct.unpack_from("!Q", buf, pos + 2)[0]
+                head = 10
+            if len(buf) - pos < head + length:
+                break
+            opcode = buf[pos] & 0x0F
+            payload = bytes(buf[pos + head : pos + head + length])
+            pos += head + length
+            if opcode == 0x2:
+                self._frame(msgpack.unpackb(payload), now)
+            elif opcode == 0x8:
+                self.closed = True
+        del buf[:pos]
+
+    def _frame(self, frame: dict[str, Any], now: float) -> None:
+        kind = frame.get("type")
+        if kind == "presence":
+            self._presence(frame, now)
+        elif kind == "presences":
+            for item in frame["items"]:
+                self._presence(item, now)
+        elif "id" in frame and frame["id"] in self.replies:
+            self.replies.pop(frame["id"]).set_result(frame)
+
+    def _presence(self, p: dict[str, Any], now: float) -> None:
+        self.stats.deliveries += 1
+        user, ver, message = p["user"], p["ver"], p["message"]
+        current = self.view.get(user)
+        if current is not None and ver <= current[0]:
+            return
+        self.view[user] = (ver, p["status"], message)
+        # Time only the update that carried a new stamped message.
+        if message and message.startswith(LAT_PREFIX) and (current is None or current[2] != message):
+            sent = float(message[len(LAT_PREFIX) :].split(":")[0])
+            self.stats.latencies.append(now - sent)
+            self.stats.latency_times.append(now)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        assert self.transport is not None
+        payload = msgpack.packb(frame)
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", 0x82, 0x80 | n)
+        elif n < 65536:
+            header = struct.pack("!BBH", 0x82, 0x80 | 126, n)
+        else:
+            header = struct.pack("!BBQ", 0x82, 0x80 | 127, n)
+        self.transport.write(header + mask + apply_mask(payload, mask))
+
+    async def request(self, frame: dict[str, Any], rid: int) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.replies[rid] = future
+        self.send({**frame, "id": rid})
+        return await asyncio.wait_for(future, 60)
+
+
+async def open_client(url: str, token: str, user: str, stats: WorkerStats) -> LightClient:
+    target = urlsplit(url)
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(
+        lambda: LightClient(user, stats), target.hostname, target.port
+    )
+    key = base64.b64encode(os.urandom(16)).decode()
+    assert client.transport is not None
+    client.transport.write(
+        (
+            f"GET {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: presence.v1.msgpack\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
+    await asyncio.wait_for(client.handshake_done, 60)
+    return client
+
+
+# --- One worker process -------------------------------------------------------------------
+
+
+@dataclass
+class WorkerStats:
+    deliveries: int = 0
+    changes_sent: int = 0
+    changes_acked: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    latency_times: list[float] = field(default_factory=list)
+
+
+async def run_worker(args: dict[str, Any], index: int, progress: Any) -> dict[str, Any]:
+    stats = WorkerStats()
+    all_users = [f"u{n}" for n in range(args["clients"])]
+    mine = all_users[index :: args["workers"]]
+    graph = json.loads(Path(args["graph"]).read_text()) if args["graph"] else None
+    rng = random.Random(args["seed"] + index)
+    population_rng = random.Random(args["seed"])
+    contacts = {u: population_rng.sample(all_users, min(args["contacts"], len(all_users))) for u in all_users}
+    if graph is not None:
+        contacts = {u: graph.get(u, [])[:1000] for u in all_users}
+    urls = args["urls"]
+
+    def token(user: str, role: str = "user") -> str:
+        return issue_token(args["secret"], tenant=args["tenant"], user=user, role=role, ttl=86400)  # type: ignore[arg-type]
+
+    # Connect and subscribe everyone.
+    started = time.time()
+    clients: dict[str, LightClient] = {}
+    semaphore = asyncio.Semaphore(200)
+
+    async def join(n: int, user: str) -> None:
+        async with semaphore:
+            try:
+                client = await open_client(urls[n % len(urls)], token(user), user, stats)
+                want = contacts[user]
+                for start in range(0, len(want), 1000):
+                    reply = await client.request({"type": "subscribe", "users": want[start : start + 1000]}, start + 1)
+                    for p in reply.get("presences", []):
+                        client.view[p["user"]] = (p["ver"], p["status"], p["message"])
+                clients[user] = client
+            except Exception as exc:
+                stats.errors[f"connect: {type(exc).__name__}: {exc}"[:120]] += 1
+            progress.put(("joined", 1))
+
+    await asyncio.gather(*(join(n, u) for n, u in enumerate(mine)))
+    connect_seconds = time.time() - started
+    progress.put(("ready", index))
+    while not args["go"].is_set():
+        await asyncio.sleep(0.01)
+
+    # Produce changes at this worker's share of the rate.
+    mix = [(kind, float(w)) for kind, w in (part.split("=") for part in args["mix"].split(","))]
+    kinds, weights = zip(*mix, strict=True)
+    rate = args["rate"] / args["workers"]
+    deadline = time.time() + args["duration"]
+    budget = args["max_changes"] // args["workers"]
+    open_calls: dict[str, str] = {}
+    open_meetings: dict[str, str] = {}
+    sent_per_second: Counter[int] = Counter()
+    producer_token = token(f"producer-{index}", "producer")
+    connected = list(clients)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {producer_token}"}) as http:
+        tick = 0.05
+        seq = 0
+        pending_http: set[asyncio.Task[None]] = set()
+        next_at = time.time()
+        while time.time() < deadline and stats.changes_sent < budget and connected:
+            batch = max(1, round(rate * tick))
+            events: list[dict[str, Any]] = []
+            for _ in range(batch):
+                seq += 1
+                user = rng.choice(connected)
+                client = clients[user]
+                kind = rng.choices(kinds, weights)[0]
+                now = time.time()
+                if kind == "message" or (kind in ("call", "meeting") and not args["http_url"]):
+                    client.send({"type": "set_message", "text": f"{LAT_PREFIX}{now:.6f}:{seq}"})
+                elif kind == "status":
+                    status = rng.choice(["available", "busy", "away", "dnd"])
+                    client.send({"type": "set_status", "status": status})
+                elif kind == "activity":
+                    client.send({"type": "activity"})
+                else:
+                    table = open_calls if kind == "call" else open_meetings
+                    if user in table:
+                        ref = table.pop(user)
+                        events.append(_event(f"{kind}_ended", user, ref, now, index, seq))
+                    else:
+                        ref = f"{kind}-{index}-{seq}"
+                        table[user] = ref
+                        events.append(_event(f"{kind}_started", user, ref, now, index, seq))
+                stats.changes_sent += 1
+                sent_per_second[int(now)] += 1
+            if events:
+                task = asyncio.create_task(_post(http, args["http_url"], events, stats))
+                pending_http.add(task)
+                task.add_done_callback(pending_http.discard)
+            progress.put(("sent", batch))
+            next_at += tick
+            await asyncio.sleep(max(0.0, next_at - time.time()))
+        if pending_http:
+            await asyncio.wait(pending_http, timeout=30)
+        # End what is open, so that the final state is simple to check.
+        ends = [
+            _event(f"{kind}_ended", user, ref, time.time(), index, n)
+            for kind, table in (("call", open_calls), ("meeting", open_meetings))
+            for n, (user, ref) in enumerate(table.items())
+        ]
+        for start in range(0, len(ends), 1000):
+            await _post(http, args["http_url"], ends[start : start + 1000], stats)
+    # Wait for the changes to settle: request/reply on each socket flushes what came before.
+    await asyncio.gather(
+        *(c.request({"type": "query", "users": []}, 10**9) for c in clients.values() if not c.closed),
+        return_exceptions=True,
+    )
+    await asyncio.sleep(args["settle"])
+    views = {u: {k: [v[0], v[1], v[2]] for k, v in c.view.items()} for u, c in clients.items()}
+    for client in clients.values():
+        if client.transport is not None:
+            client.transport.abort()
+    return {
+        "connect_seconds": connect_seconds,
+        "connected": len(clients),
+        "deliveries": stats.deliveries,
+        "changes_sent": stats.changes_sent,
+        "changes_acked_http": stats.changes_acked,
+        "errors": dict(stats.errors),
+        "latencies": stats.latencies,
+        "latency_times": stats.latency_times,
+        "sent_per_second": dict(sent_per_second),
+        "views": views,
+        "contacts": {u: contacts[u] for u in clients},
+    }
+
+
+def _event(kind: str, user: str, ref: str, at: float, worker: int, seq: int) -> dict[str, Any]:
+    return {"event_id": f"lt-{worker}-{seq}-{kind}-{ref}", "kind": kind, "user": user, "ref": ref, "at": at}
+
+
+async def _post(http: aiohttp.ClientSession, base: str, events: list[dict[str, Any]], stats: WorkerStats) -> None:
+    try:
+        async with http.post(f"{base}/v1/events", json={"events": events}) as response:
+            body = await response.json()
+            if response.status != 200:
+                stats.errors[f"http {response.status}"] += 1
+                return
+            stats.changes_acked += sum(r["result"] in ("applied", "duplicate", "stale") for r in body["results"])
+    except aiohttp.ClientError as exc:
+        stats.errors[f"http: {type(exc).__name__}"] += 1
+
+
+def worker_main(args: dict[str, Any], index: int, progress: Any, results: Any) -> None:
+    results.put((index, asyncio.run(run_worker(args, index, progress))))
+
+
+# --- The whole run -----------------------------------------------------------------------
+
+
+def hub_processes(pids: list[int]) -> list[Any]:
+    import psutil
+
+    if pids:
+        return [psutil.Process(p) for p in pids]
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "presence_hub" in cmdline or "presence-hub" in cmdline:
+            if " serve" in cmdline and proc.pid != os.getpid():
+                found.append(proc)
+    return found
+
+
+def cpu_seconds(procs: list[Any]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except Exception:
+            pass
+    return total
+
+
+def rss_bytes(procs: list[Any]) -> int:
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except Exception:
+            pass
+    return total
+
+
+async def hub_truth(http_url: str, token: str, users: list[str]) -> dict[str, list[Any]]:
+    truth: dict[str, list[Any]] = {}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+        for start in range(0, len(users), 500):
+            chunk = users[start : start + 500]
+            async with http.get(f"{http_url}/v1/presence", params={"users": ",".join(chunk)}) as r:
+                for p in (await r.json())["presences"]:
+                    truth[p["user"]] = [p["ver"], p["status"], p["message"]]
+    return truth
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="ws://127.0.0.1:8765/v1/ws", help="hub WebSocket URL(s), comma-separated")
+    parser.add_argument("--http-url", default="http://127.0.0.1:8766", help="hub HTTP API, for events and the final check")
+    parser.add_argument("--secret", default=os.environ.get("PRESENCE_HUB_SECRET"), help="the hub's token secret")
+    parser.add_argument("--tenant", default="loadtest")
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--contacts", type=int, default=50)
+    parser.add_argument("--graph", help="JSON file: user -> list of contacts (users are u0..uN-1)")
+    parser.add_argument("--rate", type=float, default=200.0, help="changes per second, all producers together")
+    parser.add_argument("--mix", default=MIX_DEFAULT)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (bounded)")
+    parser.add_argument("--max-changes", type=int, default=10_000_000, help="stop after this many changes")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait before the final check")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hub-pid", type=int, action="append", default=[], help="hub process(es) to measure")
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--plot", help="write a PNG of latency and throughput over time here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    opts = parser.parse_args(argv)
+    if not opts.secret:
+        parser.error("--secret (or PRESENCE_HUB_SECRET) is required to sign the clients' tokens")
+    opts.duration = min(opts.duration, 3600.0)
+
+    ctx = mp.get_context("spawn")
+    progress, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    shared = {
+        "urls": opts.url.split(","), "http_url": opts.http_url.rstrip("/"), "secret": opts.secret,
+        "tenant": opts.tenant, "clients": opts.clients, "contacts": opts.contacts, "graph": opts.graph,
+        "rate": opts.rate, "mix": opts.mix, "workers": opts.workers, "duration": opts.duration,
+        "max_changes": opts.max_changes, "settle": opts.settle, "seed": opts.seed, "go": go,
+    }  # fmt: skip
+    workers = [ctx.Process(target=worker_main, args=(shared, i, progress, results)) for i in range(opts.workers)]
+    hub = hub_processes(opts.hub_pid)
+    from tqdm import tqdm
+
+    bar = tqdm(total=opts.clients, desc="connecting", unit="client", disable=opts.quiet)
+    t0 = time.time()
+    for w in workers:
+        w.start()
+    ready = 0
+    while ready < opts.workers:
+        kind, value = progress.get(timeout=600)
+        if kind == "joined":
+            bar.update(value)
+        elif kind == "ready":
+            ready += 1
+    connect_wall = time.time() - t0
+    bar.close()
+
+    cpu_before, load_started = cpu_seconds(hub), time.time()
+    go.set()
+    expected = int(min(opts.rate * opts.duration, opts.max_changes))
+    bar = tqdm(total=expected, desc="changes", unit="chg", disable=opts.quiet)
+    reports: dict[int, dict[str, Any]] = {}
+    while len(reports) < opts.workers:
+        while not progress.empty():
+            kind, value = progress.get()
+            if kind == "sent":
+                bar.update(value)
+        while not results.empty():
+            index, report = results.get()
+            reports[index] = report
+        if time.time() - load_started > opts.duration + 600:
+            print("workers did not finish", file=sys.stderr)
+            break
+        time.sleep(0.05)
+    bar.close()
+    for w in workers:
+        w.join(30)
+    load_seconds = opts.duration
+    cpu_used = cpu_seconds(hub) - cpu_before
+    memory = rss_bytes(hub)
+
+    merged = list(reports.values())
+    deliveries = sum(r["deliveries"] for r in merged)
+    latencies = [x for r in merged for x in r["latencies"]]
+    errors: Counter[str] = Counter()
+    for r in merged:
+        errors.update(r["errors"])
+
+    # Completeness: every client's final view of every contact equals the hub's truth.
+    everyone = sorted({c for r in merged for cs in r["contacts"].values() for c in cs})
+    token = issue_token(opts.secret, tenant=opts.tenant, user="loadtest-checker", role="producer")
+    truth = asyncio.run(hub_truth(shared["http_url"], token, everyone)) if everyone else {}
+    stale = 0
+    checked = 0
+    for r in merged:
+        for user, contacts in r["contacts"].items():
+            view = r["views"].get(user, {})
+            for contact in contacts:
+                checked += 1
+                seen = view.get(contact)
+                if seen is None or seen[0] != truth.get(contact, [None])[0]:
+                    stale += 1
+    if stale:
+        errors[f"incomplete: {stale} of {checked} contact views differ from the hub"] += 1
+
+    report = {
+        "clients": opts.clients,
+        "connected": sum(r["connected"] for r in merged),
+        "contacts_per_client": opts.contacts,
+        "workers": opts.workers,
+        "rate_target": opts.rate,
+        "connect_and_subscribe_seconds": round(connect_wall, 3),
+        "changes_sent": sum(r["changes_sent"] for r in merged),
+        "changes_per_second": round(sum(r["changes_sent"] for r in merged) / load_seconds, 1),
+        "deliveries": deliveries,
+        "deliveries_per_second": round(deliveries / load_seconds, 1),
+        "latency_ms": {
+            "p50": round(percentile(latencies, 0.50) * 1000, 2),
+            "p95": round(percentile(latencies, 0.95) * 1000, 2),
+            "p99": round(percentile(latencies, 0.99) * 1000, 2),
+            "max": round(max(latencies, default=float("nan")) * 1000, 2),
+            "samples": len(latencies),
+        },
+        "contact_views_checked": checked,
+        "contact_views_stale": stale,
+        "hub_processes": len(hub),
+        "hub_cpu_seconds": round(cpu_used, 3),
+        "hub_cpu_us_per_delivery": round(cpu_used / deliveries * 1e6, 2) if deliveries else None,
+        "hub_rss_mib": round(memory / 2**20, 1),
+        "errors": dict(errors),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if opts.json:
+        Path(opts.json).write_text(text + "\n")
+    if opts.plot:
+        plot(merged, opts.plot)
+    return 1 if errors else 0
+
+
+def plot(reports: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times = [t for r in reports for t in r["latency_times"]]
+    lat = [x * 1000 for r in reports for x in r["latencies"]]
+    if not times:
+        return
+    t0 = min(times)
+    per_second: dict[int, list[float]] = defaultdict(list)
+    for t, x in zip(times, lat, strict=True):
+        per_second[int(t - t0)].append(x)
+    seconds = sorted(per_second)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    top.plot(seconds, [statistics.median(per_second[s]) for s in seconds], label="p50")
+    top.plot(seconds, [percentile(per_second[s], 0.99) for s in seconds], label="p99")
+    top.set_ylabel("latency (ms)")
+    top.legend()
+    bottom.plot(seconds, [len(per_second[s]) for s in seconds], label="timed deliveries/s")
+    sent: Counter[int] = Counter()
+    for r in reports:
+        for second, count in r["sent_per_second"].items():
+            sent[int(second) - int(t0)] += count
+    bottom.plot(sorted(sent), [sent[s] for s in sorted(sent)], label="changes sent/s")
+    bottom.set_xlabel("seconds")
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
