@@ -30,6 +30,8 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
 from presence_hub import codec
 from presence_hub.codec import Format
@@ -49,33 +51,46 @@ SUBSCRIBE_CHUNK: Final = 1000
 
 
 class Update:
-    """One published frame, encoded at most once per format however many sockets get it."""
+    """One published frame, encoded and framed at most once per format however many
+    sockets get it: server frames are not masked, so the same bytes go to every socket."""
 
-    __slots__ = ("_json", "map", "origin", "raw")
+    __slots__ = ("_framed", "map", "origin", "raw")
 
     def __init__(self, raw: bytes, frame: dict[str, Any], origin: float | None = None) -> None:
         self.raw = raw
         self.map = frame
         #: When the input that caused it arrived (None for a resync).
         self.origin = origin
-        self._json: str | None = None
+        self._framed: dict[Format, bytes] = {}
 
     @classmethod
     def published(cls, data: bytes) -> Update:
         origin, raw = msgpack.unpackb(data)
         return cls(raw, msgpack.unpackb(raw), origin)
 
-    def encoded(self, fmt: Format) -> bytes | str:
-        if fmt == "msgpack":
-            return self.raw
-        if self._json is None:
-            self._json = codec.encode(self.map, "json")  # type: ignore[assignment]
-        assert self._json is not None
-        return self._json
+    def framed(self, fmt: Format) -> bytes:
+        """The whole WebSocket frame: binary for msgpack, text for json."""
+        framed = self._framed.get(fmt)
+        if framed is None:
+            if fmt == "msgpack":
+                framed = _frame(Opcode.BINARY, self.raw)
+            else:
+                framed = _frame(Opcode.TEXT, str(codec.encode(self.map, "json")).encode())
+            self._framed[fmt] = framed
+        return framed
+
+
+def _frame(opcode: Opcode, payload: bytes) -> bytes:
+    return Frame(opcode, payload).serialize(mask=False)
 
 
 class Connection:
-    """One client socket: who it is, what it watches, and what it has yet to receive."""
+    """One client socket: who it is, what it watches, and what it has yet to receive.
+
+    An update for an idle socket is written at once, with no task switch; only a
+    socket whose transport is full gets a backlog, of one update per user, which
+    its writer task sends as soon as the socket drains.
+    """
 
     def __init__(
         self,
@@ -104,53 +119,80 @@ class Connection:
         #: The ver of the last Self map this socket was given.
         self.self_ver = -1
         self._wake = asyncio.Event()
+        #: Set once the welcome went out: nothing may be written before it.
+        self.ready = False
         self.coalesced = 0
         #: Renewed by an ``auth`` frame; the socket closes with 1008 when it passes.
         self.token_expires_at = 0.0
 
-    def offer(self, user: UserId, update: Update) -> None:
+    def _writable(self) -> bool:
+        """Whether a frame can go straight to the transport, in order."""
+        ws = self.ws
+        return (
+            self.ready
+            and not self._pending
+            and self._pending_self is None
+            and not ws.paused
+            and ws.protocol.state is State.OPEN
+        )
+
+    def offer(self, user: UserId, update: Update) -> bool:
+        """Hand the socket an update; True when it was written at once."""
         ver = update.map["ver"]
         known = self.watching.get(user)
         if known is None or ver <= known:
-            return
+            return False
         self.watching[user] = ver
+        if self._writable():
+            self.ws.transport.write(update.framed(self.fmt))
+            return True
         if user in self._pending:
             self.coalesced += 1
             self.metrics.coalesced.inc()
         self._pending[user] = update
         self._wake.set()
+        return False
 
     def offer_self(self, update: Update) -> None:
         ver = update.map["ver"]
-        if ver > self.self_ver:
-            self.self_ver = ver
-            self._pending_self = update
-            self._wake.set()
+        if ver <= self.self_ver:
+            return
+        self.self_ver = ver
+        if self._writable():
+            self.ws.transport.write(update.framed(self.fmt))
+            self.metrics.frames_out.labels("self").inc()
+            return
+        self._pending_self = update
+        self._wake.set()
 
     async def send(self, frame: dict[str, Any]) -> None:
         self.metrics.frames_out.labels(frame["type"]).inc()
         await self.ws.send(codec.encode(frame, self.fmt))
 
     async def pump(self) -> None:
-        """Write pending updates until the socket closes; close it if it stalls."""
+        """Write the backlog whenever there is one; close the socket if it stalls."""
+        self.ready = True
+        self._wake.set()
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                await asyncio.wait_for(self.ws.drain(), self.send_timeout)
                 own, self._pending_self = self._pending_self, None
                 batch, self._pending = self._pending, {}
                 if own is not None:
-                    await self._write(own.encoded(self.fmt), "self")
+                    await self._write(own.framed(self.fmt), "self")
                 if len(batch) == 1:
                     (update,) = batch.values()
-                    await self._write(update.encoded(self.fmt), "presence")
+                    await self._write(update.framed(self.fmt), "presence")
                 elif batch:
                     updates = list(batch.values())
                     for start in range(0, len(updates), BATCH):
                         chunk = updates[start : start + BATCH]
                         items = [{k: v for k, v in u.map.items() if k != "type"} for u in chunk]
                         frame = {"type": "presences", "items": items}
-                        await self._write(codec.encode(frame, self.fmt), "presences")
+                        await self.ws.send(codec.encode(frame, self.fmt))
+                        self.metrics.frames_out.labels("presences").inc()
                 self._delivered(batch.values())
         except ConnectionClosed:
             pass
@@ -161,9 +203,12 @@ class Connection:
                 await asyncio.wait_for(self.ws.close(1013, "fell too far behind"), 5)
             self.ws.transport.abort()
 
-    async def _write(self, data: bytes | str, kind: str) -> None:
-        await asyncio.wait_for(self.ws.send(data), self.send_timeout)
+    async def _write(self, framed: bytes, kind: str) -> None:
+        if self.ws.protocol.state is not State.OPEN:
+            raise ConnectionClosed(None, None)
+        self.ws.transport.write(framed)
         self.metrics.frames_out.labels(kind).inc()
+        await asyncio.wait_for(self.ws.drain(), self.send_timeout)
 
     def _delivered(self, updates: Iterable[Update]) -> None:
         now = time.time()
@@ -342,8 +387,15 @@ class Hub:
             if watchers:
                 update = Update.published(data)
                 user = UserId(update.map["user"])
+                written = 0
                 for conn in watchers:
-                    conn.offer(user, update)
+                    written += conn.offer(user, update)
+                if written:
+                    # Written to every idle socket at once: one observation for them all.
+                    self.metrics.deliveries.inc(written)
+                    self.metrics.frames_out.labels("presence").inc(written)
+                    if update.origin is not None:
+                        self.metrics.update_latency.observe(time.time() - update.origin)
         elif channel.endswith(":s"):
             owners = self._owners.get(channel)
             if owners:

@@ -114,6 +114,8 @@ class Node:
             process_request=self._admit,
             select_subprotocol=_select_subprotocol,
             max_size=self.settings.max_frame,
+            # Presence frames are small; deflate would cost more CPU than it saves.
+            compression=None,
             # Updates never wait on a socket's receive side; keep its queue short.
             max_queue=4,
         )

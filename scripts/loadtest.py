@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -39,7 +40,7 @@ import msgpack
 from websockets.utils import apply_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from presence_hub.auth import issue_token  # noqa: E402
+from presence_hub.auth import issue_token
 
 MIX_DEFAULT = "message=0.45,status=0.15,call=0.15,meeting=0.1,activity=0.15"
 LAT_PREFIX = "lt:"
@@ -136,7 +137,11 @@ class LightClient(asyncio.Protocol):
             return
         self.view[user] = (ver, p["status"], message)
         # Time only the update that carried a new stamped message.
-        if message and message.startswith(LAT_PREFIX) and (current is None or current[2] != message):
+        if (
+            message
+            and message.startswith(LAT_PREFIX)
+            and (current is None or current[2] != message)
+        ):
             sent = float(message[len(LAT_PREFIX) :].split(":")[0])
             self.stats.latencies.append(now - sent)
             self.stats.latency_times.append(now)
@@ -165,7 +170,7 @@ async def open_client(url: str, token: str, user: str, stats: WorkerStats) -> Li
     target = urlsplit(url)
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(
-        lambda: LightClient(user, stats), target.hostname, target.port
+        lambda: LightClient(user, stats), target.hostname or "127.0.0.1", target.port or 80
     )
     key = base64.b64encode(os.urandom(16)).decode()
     assert client.transport is not None
@@ -195,14 +200,18 @@ class WorkerStats:
     latency_times: list[float] = field(default_factory=list)
 
 
-async def run_worker(args: dict[str, Any], index: int, progress: Any) -> dict[str, Any]:
+async def run_worker(
+    args: dict[str, Any], graph: dict[str, list[str]] | None, index: int, progress: Any
+) -> dict[str, Any]:
     stats = WorkerStats()
     all_users = [f"u{n}" for n in range(args["clients"])]
     mine = all_users[index :: args["workers"]]
-    graph = json.loads(Path(args["graph"]).read_text()) if args["graph"] else None
     rng = random.Random(args["seed"] + index)
     population_rng = random.Random(args["seed"])
-    contacts = {u: population_rng.sample(all_users, min(args["contacts"], len(all_users))) for u in all_users}
+    contacts = {
+        u: population_rng.sample(all_users, min(args["contacts"], len(all_users)))
+        for u in all_users
+    }
     if graph is not None:
         contacts = {u: graph.get(u, [])[:1000] for u in all_users}
     urls = args["urls"]
@@ -221,7 +230,9 @@ async def run_worker(args: dict[str, Any], index: int, progress: Any) -> dict[st
                 client = await open_client(urls[n % len(urls)], token(user), user, stats)
                 want = contacts[user]
                 for start in range(0, len(want), 1000):
-                    reply = await client.request({"type": "subscribe", "users": want[start : start + 1000]}, start + 1)
+                    reply = await client.request(
+                        {"type": "subscribe", "users": want[start : start + 1000]}, start + 1
+                    )
                     for p in reply.get("presences", []):
                         client.view[p["user"]] = (p["ver"], p["status"], p["message"])
                 clients[user] = client
@@ -232,8 +243,8 @@ async def run_worker(args: dict[str, Any], index: int, progress: Any) -> dict[st
     await asyncio.gather(*(join(n, u) for n, u in enumerate(mine)))
     connect_seconds = time.time() - started
     progress.put(("ready", index))
-    while not args["go"].is_set():
-        await asyncio.sleep(0.01)
+    # Wait for every worker to be connected (a multiprocessing event, not an asyncio one).
+    await asyncio.to_thread(args["go"].wait)
 
     # Produce changes at this worker's share of the rate.
     mix = [(kind, float(w)) for kind, w in (part.split("=") for part in args["mix"].split(","))]
@@ -297,7 +308,11 @@ async def run_worker(args: dict[str, Any], index: int, progress: Any) -> dict[st
             await _post(http, args["http_url"], ends[start : start + 1000], stats)
     # Wait for the changes to settle: request/reply on each socket flushes what came before.
     await asyncio.gather(
-        *(c.request({"type": "query", "users": []}, 10**9) for c in clients.values() if not c.closed),
+        *(
+            c.request({"type": "query", "users": []}, 10**9)
+            for c in clients.values()
+            if not c.closed
+        ),
         return_exceptions=True,
     )
     await asyncio.sleep(args["settle"])
@@ -321,23 +336,34 @@ async def run_worker(args: dict[str, Any], index: int, progress: Any) -> dict[st
 
 
 def _event(kind: str, user: str, ref: str, at: float, worker: int, seq: int) -> dict[str, Any]:
-    return {"event_id": f"lt-{worker}-{seq}-{kind}-{ref}", "kind": kind, "user": user, "ref": ref, "at": at}
+    return {
+        "event_id": f"lt-{worker}-{seq}-{kind}-{ref}",
+        "kind": kind,
+        "user": user,
+        "ref": ref,
+        "at": at,
+    }
 
 
-async def _post(http: aiohttp.ClientSession, base: str, events: list[dict[str, Any]], stats: WorkerStats) -> None:
+async def _post(
+    http: aiohttp.ClientSession, base: str, events: list[dict[str, Any]], stats: WorkerStats
+) -> None:
     try:
         async with http.post(f"{base}/v1/events", json={"events": events}) as response:
             body = await response.json()
             if response.status != 200:
                 stats.errors[f"http {response.status}"] += 1
                 return
-            stats.changes_acked += sum(r["result"] in ("applied", "duplicate", "stale") for r in body["results"])
+            stats.changes_acked += sum(
+                r["result"] in ("applied", "duplicate", "stale") for r in body["results"]
+            )
     except aiohttp.ClientError as exc:
         stats.errors[f"http: {type(exc).__name__}"] += 1
 
 
 def worker_main(args: dict[str, Any], index: int, progress: Any, results: Any) -> None:
-    results.put((index, asyncio.run(run_worker(args, index, progress))))
+    graph = json.loads(Path(args["graph"]).read_text()) if args["graph"] else None
+    results.put((index, asyncio.run(run_worker(args, graph, index, progress))))
 
 
 # --- The whole run -----------------------------------------------------------------------
@@ -351,30 +377,26 @@ def hub_processes(pids: list[int]) -> list[Any]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "presence_hub" in cmdline or "presence-hub" in cmdline:
-            if " serve" in cmdline and proc.pid != os.getpid():
-                found.append(proc)
+        hub = "presence_hub" in cmdline or "presence-hub" in cmdline
+        if hub and " serve" in cmdline and proc.pid != os.getpid():
+            found.append(proc)
     return found
 
 
 def cpu_seconds(procs: list[Any]) -> float:
     total = 0.0
     for proc in procs:
-        try:
+        with contextlib.suppress(Exception):  # a process may have gone
             times = proc.cpu_times()
             total += times.user + times.system
-        except Exception:
-            pass
     return total
 
 
 def rss_bytes(procs: list[Any]) -> int:
     total = 0
     for proc in procs:
-        try:
+        with contextlib.suppress(Exception):
             total += proc.memory_info().rss
-        except Exception:
-            pass
     return total
 
 
@@ -397,22 +419,40 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="ws://127.0.0.1:8765/v1/ws", help="hub WebSocket URL(s), comma-separated")
-    parser.add_argument("--http-url", default="http://127.0.0.1:8766", help="hub HTTP API, for events and the final check")
-    parser.add_argument("--secret", default=os.environ.get("PRESENCE_HUB_SECRET"), help="the hub's token secret")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--url", default="ws://127.0.0.1:8765/v1/ws", help="hub WebSocket URL(s), comma-separated"
+    )
+    parser.add_argument(
+        "--http-url",
+        default="http://127.0.0.1:8766",
+        help="hub HTTP API, for events and the final check",
+    )
+    parser.add_argument(
+        "--secret", default=os.environ.get("PRESENCE_HUB_SECRET"), help="the hub's token secret"
+    )
     parser.add_argument("--tenant", default="loadtest")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--contacts", type=int, default=50)
     parser.add_argument("--graph", help="JSON file: user -> list of contacts (users are u0..uN-1)")
-    parser.add_argument("--rate", type=float, default=200.0, help="changes per second, all producers together")
+    parser.add_argument(
+        "--rate", type=float, default=200.0, help="changes per second, all producers together"
+    )
     parser.add_argument("--mix", default=MIX_DEFAULT)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (bounded)")
-    parser.add_argument("--max-changes", type=int, default=10_000_000, help="stop after this many changes")
-    parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait before the final check")
+    parser.add_argument(
+        "--max-changes", type=int, default=10_000_000, help="stop after this many changes"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds to wait before the final check"
+    )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--hub-pid", type=int, action="append", default=[], help="hub process(es) to measure")
+    parser.add_argument(
+        "--hub-pid", type=int, action="append", default=[], help="hub process(es) to measure"
+    )
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--plot", help="write a PNG of latency and throughput over time here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -424,14 +464,28 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     progress, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     shared = {
-        "urls": opts.url.split(","), "http_url": opts.http_url.rstrip("/"), "secret": opts.secret,
-        "tenant": opts.tenant, "clients": opts.clients, "contacts": opts.contacts, "graph": opts.graph,
-        "rate": opts.rate, "mix": opts.mix, "workers": opts.workers, "duration": opts.duration,
-        "max_changes": opts.max_changes, "settle": opts.settle, "seed": opts.seed, "go": go,
-    }  # fmt: skip
-    workers = [ctx.Process(target=worker_main, args=(shared, i, progress, results)) for i in range(opts.workers)]
+        "urls": opts.url.split(","),
+        "http_url": opts.http_url.rstrip("/"),
+        "secret": opts.secret,
+        "tenant": opts.tenant,
+        "clients": opts.clients,
+        "contacts": opts.contacts,
+        "graph": opts.graph,
+        "rate": opts.rate,
+        "mix": opts.mix,
+        "workers": opts.workers,
+        "duration": opts.duration,
+        "max_changes": opts.max_changes,
+        "settle": opts.settle,
+        "seed": opts.seed,
+        "go": go,
+    }
+    workers = [
+        ctx.Process(target=worker_main, args=(shared, i, progress, results))
+        for i in range(opts.workers)
+    ]
     hub = hub_processes(opts.hub_pid)
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     bar = tqdm(total=opts.clients, desc="connecting", unit="client", disable=opts.quiet)
     t0 = time.time()

@@ -427,7 +427,8 @@ async def test_a_stalled_reader_is_cut_off_and_slows_nobody(start_node: StartNod
     node = await start_node(send_timeout=1.0, rate_limit=1e6, rate_burst=10**6)
     url = ws_url(node)
     alice = await Client.connect(url, make_token("alice"))
-    fast = await Client.connect(url, make_token("fast"))
+    # A reader that keeps up: it buffers whatever arrives (no flow control).
+    fast = await Client.connect(url, make_token("fast"), max_queue=None)
     await fast.request({"type": "subscribe", "users": ["alice"]})
     # A reader that never reads: its client buffers at most one frame, then TCP fills up.
     stalled = await stalled_client(url, make_token("slow"), ["alice"])

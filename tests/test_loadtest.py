@@ -1,0 +1,43 @@
+"""The load tester, as its users run it: a short, bounded run against a real hub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SECRET, StartNode, ws_url
+from tests.utils import timeout
+
+LOADTEST = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
+
+
+@pytest.mark.slow
+async def test_a_short_load_run_is_complete_and_reported(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    node = await start_node(rate_limit=1000.0, rate_burst=1000)
+    report, picture = tmp_path / "report.json", tmp_path / "plot.png"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(LOADTEST),
+        "--url", ws_url(node), "--http-url", f"http://127.0.0.1:{node.http_port}",
+        "--secret", SECRET, "--clients", "60", "--contacts", "10", "--rate", "100",
+        "--duration", "2", "--workers", "2", "--settle", "0.5", "--quiet",
+        "--hub-pid", str(os.getpid()), "--json", str(report), "--plot", str(picture),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(), timeout(120))
+    assert process.returncode == 0, output.decode()[-3000:]
+    result = json.loads(report.read_text())
+    assert result["connected"] == 60
+    assert result["errors"] == {}
+    assert result["contact_views_checked"] == 600
+    assert result["contact_views_stale"] == 0
+    assert result["changes_sent"] >= 100
+    assert result["deliveries"] > 0
+    assert result["latency_ms"]["samples"] > 0
+    assert picture.stat().st_size > 0
