@@ -234,7 +234,10 @@ async def run_worker(
                         {"type": "subscribe", "users": want[start : start + 1000]}, start + 1
                     )
                     for p in reply.get("presences", []):
-                        client.view[p["user"]] = (p["ver"], p["status"], p["message"])
+                        # An update may have overtaken the snapshot: keep the newest ver.
+                        seen = client.view.get(p["user"])
+                        if seen is None or p["ver"] > seen[0]:
+                            client.view[p["user"]] = (p["ver"], p["status"], p["message"])
                 clients[user] = client
             except Exception as exc:
                 stats.errors[f"connect: {type(exc).__name__}: {exc}"[:120]] += 1
@@ -306,7 +309,11 @@ async def run_worker(
         ]
         for start in range(0, len(ends), 1000):
             await _post(http, args["http_url"], ends[start : start + 1000], stats)
-    # Wait for the changes to settle: request/reply on each socket flushes what came before.
+    # Every worker has stopped producing before anyone reads its final views.
+    progress.put(("produced", index))
+    await asyncio.to_thread(args["collect"].wait)
+    await asyncio.sleep(args["settle"])
+    # A request/reply on each socket flushes whatever the hub sent before it.
     await asyncio.gather(
         *(
             c.request({"type": "query", "users": []}, 10**9)
@@ -315,7 +322,6 @@ async def run_worker(
         ),
         return_exceptions=True,
     )
-    await asyncio.sleep(args["settle"])
     views = {u: {k: [v[0], v[1], v[2]] for k, v in c.view.items()} for u, c in clients.items()}
     for client in clients.values():
         if client.transport is not None:
@@ -462,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     opts.duration = min(opts.duration, 3600.0)
 
     ctx = mp.get_context("spawn")
-    progress, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    progress, results = ctx.Queue(), ctx.Queue()
+    go, collect = ctx.Event(), ctx.Event()
     shared = {
         "urls": opts.url.split(","),
         "http_url": opts.http_url.rstrip("/"),
@@ -479,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "settle": opts.settle,
         "seed": opts.seed,
         "go": go,
+        "collect": collect,
     }
     workers = [
         ctx.Process(target=worker_main, args=(shared, i, progress, results))
@@ -506,11 +514,16 @@ def main(argv: list[str] | None = None) -> int:
     expected = int(min(opts.rate * opts.duration, opts.max_changes))
     bar = tqdm(total=expected, desc="changes", unit="chg", disable=opts.quiet)
     reports: dict[int, dict[str, Any]] = {}
+    produced = 0
     while len(reports) < opts.workers:
         while not progress.empty():
             kind, value = progress.get()
             if kind == "sent":
                 bar.update(value)
+            elif kind == "produced":
+                produced += 1
+                if produced == opts.workers:
+                    collect.set()
         while not results.empty():
             index, report = results.get()
             reports[index] = report
