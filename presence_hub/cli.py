@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -49,6 +50,7 @@ _HELP = {
     "send_timeout": "seconds a stalled socket may block its updates before it is closed (1013)",
     "socket_send_buffer": "kernel send buffer per socket, in bytes",
     "min_auto_away": "shortest auto-away setting a client may choose, in seconds",
+    "workers": "worker processes on the same ports (SO_REUSEPORT), to use every core",
     "log_json": "log one JSON object per line",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
@@ -125,10 +127,40 @@ def serve(settings: Settings) -> None:
         log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
     secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
     try:
-        asyncio.run(_serve(settings, url, secret))
+        if settings.workers > 1:
+            _serve_workers(settings, url, secret)
+        else:
+            asyncio.run(_serve(settings, url, secret))
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _worker(settings: Settings, url: str, secret: str) -> None:
+    _configure_logging(settings)
+    asyncio.run(_serve(settings, url, secret))
+
+
+def _serve_workers(settings: Settings, url: str, secret: str) -> None:
+    """N processes on the same ports; the kernel spreads connections over them."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = [
+        ctx.Process(target=_worker, args=(settings, url, secret), name=f"presence-hub-{n}")
+        for n in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    log.info("%d workers on ws port %d", len(workers), settings.ws_port)
+
+    def forward(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.join()
 
 
 async def _serve(settings: Settings, url: str, secret: str) -> None:

@@ -36,5 +36,7 @@ class Settings:
     socket_send_buffer: int = 64 * 1024
     #: The shortest auto-away setting a client may choose (PROTOCOL.md: 60 s).
     min_auto_away: float = 60.0
+    #: Worker processes sharing the ports (SO_REUSEPORT), each a node of its own.
+    workers: int = 1
     log_json: bool = False
     log_level: str = "INFO"

@@ -116,12 +116,18 @@ class Node:
             max_size=self.settings.max_frame,
             # Presence frames are small; deflate would cost more CPU than it saves.
             compression=None,
+            reuse_port=self.settings.workers > 1,
             # Updates never wait on a socket's receive side; keep its queue short.
             max_queue=4,
         )
         self._http = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
         await self._http.setup()
-        await web.TCPSite(self._http, self.settings.host, self.settings.http_port).start()
+        await web.TCPSite(
+            self._http,
+            self.settings.host,
+            self.settings.http_port,
+            reuse_port=self.settings.workers > 1,
+        ).start()
         self.accepting = True
         log.info(
             "node %s listening on ws://%s:%d%s and http://%s:%d",

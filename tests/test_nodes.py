@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
@@ -178,3 +179,25 @@ async def test_a_redis_restart_is_survived(
     await bob.presence("alice", status="away", wait=30)
     query = await bob.request({"type": "query", "users": ["alice"]})
     assert query["presences"][0]["status"] == "away"
+
+
+async def test_workers_share_the_ports_and_the_state(
+    spawn_hub: Callable[..., HubProcess],
+) -> None:
+    hub = spawn_hub("--workers", "2")
+    await hub.ready()
+    workers = [
+        child
+        for child in psutil.Process(hub.process.pid).children()
+        if "spawn_main" in " ".join(child.cmdline())
+    ]
+    assert len(workers) == 2
+    clients = [await Client.connect(hub.url, make_token(f"u{n}")) for n in range(12)]
+    await clients[0].request({"type": "subscribe", "users": [f"u{n}" for n in range(12)]})
+    for n, client in enumerate(clients[1:], start=1):
+        await client.request({"type": "set_message", "text": f"hello from {n}"})
+    for n in range(1, 12):
+        await clients[0].presence(f"u{n}", message=f"hello from {n}")
+    await Client.close_all()
+    hub.signal(signal.SIGTERM)
+    assert hub.process.wait(timeout(30)) == 0
