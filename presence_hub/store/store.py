@@ -16,6 +16,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -72,16 +73,21 @@ class PresenceStore:
         *,
         clock: Callable[[], float] = time.time,
         event_ttl: int = EVENT_TTL,
+        cache_size: int = 100_000,
     ) -> None:
         self.redis = redis
         self._clock = clock
         self._event_ttl = event_ttl
+        # The last state this node committed per user, to skip the read before the next
+        # commit; the commit's revision check catches any copy another writer made stale.
+        self._cache: OrderedDict[str, tuple[int, UserState]] = OrderedDict()
+        self._cache_size = cache_size
         self._commit = redis.register_script(_script("commit.lua"))
         self._claim = redis.register_script(_script("claim_timers.lua"))
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         try:
-            _, state = await self._read(tenant, user)
+            _, state, _ = await self._read(tenant, user)
         except RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         return state
@@ -126,15 +132,24 @@ class PresenceStore:
     ) -> Applied:
         state_key = keys.state_key(tenant, user)
         event_key = keys.event_key(tenant, user, event_id) if event_id is not None else None
+        cache = self._cache
         for attempt in range(_MAX_ATTEMPTS):
-            if event_key is not None and await self.redis.exists(event_key):
-                return Applied("duplicate", None)
-            rev, state = await self._read(tenant, user)
+            cached = cache.get(state_key) if event_key is None else None
+            if cached is not None:
+                rev, state = cached
+            else:
+                rev, state, seen = await self._read(tenant, user, event_key)
+                if seen:
+                    return Applied("duplicate", None)
             now = self._clock()
             outcome = rules.apply(state, event, now)
             changed = outcome.state != state
             # A timer must always commit: its claim moved the user's due time.
             if not changed and event_key is None and not isinstance(event, TimerFired):
+                if cached is not None:
+                    # "No change" must be judged on the stored state, not a cached copy.
+                    cache.pop(state_key, None)
+                    continue
                 return Applied(outcome.result, outcome)
             view = _pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
             sent_at = now if origin is None else origin
@@ -160,18 +175,38 @@ class PresenceStore:
             if committed == -2:
                 return Applied("duplicate", None)
             if committed >= 0:
+                self._remember(state_key, committed, outcome.state)
                 return Applied(outcome.result, outcome)
+            cache.pop(state_key, None)
             if attempt >= 4:
                 # Many writers on one user: spread the retries out.
                 await asyncio.sleep(random.uniform(0, 0.001 * attempt))
         raise StoreContention(f"{tenant}:{user} kept changing; gave up after {_MAX_ATTEMPTS} tries")
 
-    async def _read(self, tenant: TenantId, user: UserId) -> tuple[int, UserState]:
-        fields = await self.redis.hmget(keys.state_key(tenant, user), ["rev", "state"])  # type: ignore[misc]
+    def _remember(self, state_key: str, rev: int, state: UserState) -> None:
+        cache = self._cache
+        cache[state_key] = (rev, state)
+        cache.move_to_end(state_key)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    async def _read(
+        self, tenant: TenantId, user: UserId, event_key: str | None = None
+    ) -> tuple[int, UserState, bool]:
+        """The state, its revision, and whether ``event_key`` was seen: one round trip."""
+        state_key = keys.state_key(tenant, user)
+        if event_key is None:
+            fields = await self.redis.hmget(state_key, ["rev", "state"])  # type: ignore[misc]
+            seen = False
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(state_key, ["rev", "state"])
+                pipe.exists(event_key)
+                fields, seen = await pipe.execute()
         rev, blob = cast("list[bytes | None]", fields)
         if rev is None or blob is None:
-            return 0, UserState()
-        return int(rev), decode_state(blob)
+            return 0, UserState(), bool(seen)
+        return int(rev), decode_state(blob), bool(seen)
 
     async def fire_due_timers(self, limit: int = 200) -> int:
         """Fire every due timer this node can claim; returns how many it fired."""

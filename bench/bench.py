@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""The benchmark scenarios of docs/PERFORMANCE.md, one command each:
+
+    bench/bench.py fanout      5,000 clients x 50 contacts, status changes at rising rates
+    bench/bench.py latency     the same at 1,000 changes per second: p99 latency
+    bench/bench.py ingest      producer events through POST /v1/events and WebSocket frames
+    bench/bench.py connect     10,000 clients connect and subscribe to 50 contacts each
+    bench/bench.py idle        10,000 idle connections: hub memory per connection
+    bench/bench.py cores       the fan-out scenario with --workers 1 and 2
+
+Each starts its own hub (embedded Redis in a temporary directory, on loopback),
+runs scripts/loadtest.py or its own bounded load against it, prints the figures
+and writes them to bench/results/SCENARIO.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import psutil
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from presence_hub.auth import issue_token  # noqa: E402
+
+SECRET = "bench-secret-bench-secret-bench-secret"
+TENANT = "loadtest"
+RESULTS = ROOT / "bench" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def hub(*extra: str) -> Iterator[tuple[str, str, list[psutil.Process]]]:
+    """A hub on free ports with its own embedded Redis; yields (ws url, http url, processes)."""
+    ws_port, http_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as data:
+        args = [
+            sys.executable, "-m", "presence_hub", "serve",
+            "--ws-port", str(ws_port), "--http-port", str(http_port),
+            "--data-dir", data, "--secret", SECRET, "--log-level", "WARNING",
+            "--rate-limit", "100000", "--rate-burst", "100000", *extra,
+        ]  # fmt: skip
+        process = subprocess.Popen(args)
+        try:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", ws_port), 1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline or process.poll() is not None:
+                        raise RuntimeError("the hub did not start") from None
+                    time.sleep(0.1)
+            time.sleep(0.5)
+            parent = psutil.Process(process.pid)
+            # The hub's own processes: itself and its workers, not the embedded redis-server.
+            procs = [parent] + [c for c in parent.children() if "redis-server" not in c.name()]
+            yield f"ws://127.0.0.1:{ws_port}/v1/ws", f"http://127.0.0.1:{http_port}", procs
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def loadtest(ws: str, http: str, procs: list[psutil.Process], *args: str) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [
+            sys.executable, str(ROOT / "scripts" / "loadtest.py"),
+            "--url", ws, "--http-url", http, "--secret", SECRET, "--tenant", TENANT,
+            "--json", out.name, "--quiet",
+            *[a for p in procs for a in ("--hub-pid", str(p.pid))], *args,
+        ]  # fmt: skip
+        subprocess.run(command, check=False, timeout=3600, stdout=subprocess.DEVNULL)
+        report: dict[str, Any] = json.loads(Path(out.name).read_text())
+        return report
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    keys = [
+        "clients", "connected", "rate_target", "changes_per_second", "deliveries_per_second",
+        "latency_ms", "contact_views_stale", "hub_cpu_us_per_delivery", "hub_rss_mib",
+        "connect_and_subscribe_seconds", "errors",
+    ]  # fmt: skip
+    return {k: report[k] for k in keys}
+
+
+def fanout(rates: list[float], workers: int = 1, clients: int = 5000) -> list[dict[str, Any]]:
+    rows = []
+    with hub("--workers", str(workers)) as (ws, http, procs):
+        for rate in rates:
+            report = loadtest(
+                ws, http, procs,
+                "--clients", str(clients), "--contacts", "50", "--rate", str(rate),
+                "--mix", "message=0.8,status=0.2", "--duration", "15", "--workers", "1",
+                "--settle", "3",
+            )  # fmt: skip
+            rows.append(summary(report))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+async def ingest_http(
+    http: str, seconds: float = 10, batch: int = 1000, parallel: int = 4
+) -> float:
+    token = issue_token(SECRET, tenant=TENANT, user="bench", role="producer")
+    accepted = 0
+    deadline = time.time() + seconds
+    counter = iter(range(10**9))
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal accepted
+        rng = random.Random()
+        while time.time() < deadline:
+            events = []
+            for _ in range(batch):
+                n = next(counter)
+                user = f"u{rng.randrange(10000)}"
+                kind = "call_started" if n % 2 == 0 else "call_ended"
+                events.append(
+                    {
+                        "event_id": f"h{n}",
+                        "kind": kind,
+                        "user": user,
+                        "ref": f"c{n // 2}",
+                        "at": time.time(),
+                    }
+                )
+            async with session.post(f"{http}/v1/events", json={"events": events}) as r:
+                results = (await r.json())["results"]
+                accepted += sum(x["result"] != "rejected" for x in results)
+
+    started = time.time()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        await asyncio.gather(*(one(session) for _ in range(parallel)))
+    return accepted / (time.time() - started)
+
+
+async def ingest_ws(
+    ws_url: str, seconds: float = 10, window: int = 2000, parallel: int = 2
+) -> float:
+    token = issue_token(SECRET, tenant=TENANT, user="bench-ws", role="producer")
+    accepted = 0
+    deadline = time.time() + seconds
+
+    async def one(k: int) -> None:
+        nonlocal accepted
+        async with connect(
+            ws_url,
+            additional_headers={"Authorization": f"Bearer {token}"},
+            subprotocols=["presence.v1.msgpack"],  # type: ignore[list-item]
+            max_queue=None,
+            compression=None,
+        ) as ws:
+            await ws.recv()  # welcome
+            sent = received = 0
+            rng = random.Random(k)
+            while time.time() < deadline or received < sent:
+                while sent - received < window and time.time() < deadline:
+                    sent += 1
+                    kind = "meeting_started" if sent % 2 else "meeting_ended"
+                    event = {
+                        "event_id": f"w{k}-{sent}",
+                        "kind": kind,
+                        "user": f"u{rng.randrange(10000)}",
+                        "ref": f"m{k}-{(sent + 1) // 2}",
+                        "at": time.time(),
+                    }
+                    await ws.send(msgpack.packb({"type": "event", "id": sent, "event": event}))
+                frame = msgpack.unpackb(await ws.recv())
+                if frame.get("type") == "ok":
+                    received += 1
+                    accepted += frame["result"]["result"] != "rejected"
+
+    started = time.time()
+    await asyncio.gather(*(one(k) for k in range(parallel)))
+    return accepted / (time.time() - started)
+
+
+def idle(count: int = 10000) -> dict[str, Any]:
+    with hub() as (ws, http, procs):
+        before = sum(p.memory_info().rss for p in procs)
+        report = loadtest(
+            ws, http, procs, "--clients", str(count), "--contacts", "0", "--rate", "0",
+            "--duration", "10", "--workers", "2", "--settle", "0",
+        )  # fmt: skip
+        after = report["hub_rss_mib"] * 2**20
+        return {
+            "connections": report["connected"],
+            "hub_rss_before_mib": round(before / 2**20, 1),
+            "hub_rss_with_connections_mib": report["hub_rss_mib"],
+            "kib_per_connection": round((after - before) / max(1, report["connected"]) / 1024, 1),
+            "errors": report["errors"],
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "scenario", choices=["fanout", "latency", "ingest", "connect", "idle", "cores"]
+    )
+    opts = parser.parse_args()
+    result: Any
+    if opts.scenario == "fanout":
+        result = fanout([500, 1000, 2000, 4000])
+    elif opts.scenario == "latency":
+        result = fanout([1000])
+    elif opts.scenario == "cores":
+        result = {"workers_1": fanout([3000]), "workers_2": fanout([3000], workers=2)}
+    elif opts.scenario == "ingest":
+        with hub() as (ws, http, _):
+            result = {
+                "http_events_per_second": round(asyncio.run(ingest_http(http)), 1),
+                "ws_events_per_second": round(asyncio.run(ingest_ws(ws)), 1),
+            }
+    elif opts.scenario == "connect":
+        with hub() as (ws, http, procs):
+            result = summary(
+                loadtest(
+                    ws,
+                    http,
+                    procs,
+                    "--clients",
+                    "10000",
+                    "--contacts",
+                    "50",
+                    "--rate",
+                    "0",
+                    "--duration",
+                    "1",
+                    "--workers",
+                    "2",
+                    "--settle",
+                    "0",
+                )  # fmt: skip
+            )
+    else:
+        result = idle()
+    print(json.dumps(result, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{opts.scenario}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
