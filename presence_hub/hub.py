@@ -160,13 +160,13 @@ class Connection:
         self.self_ver = ver
         if self._writable():
             self.ws.transport.write(update.framed(self.fmt))
-            self.metrics.frames_out.labels("self").inc()
+            self.metrics.sent("self").inc()
             return
         self._pending_self = update
         self._wake.set()
 
     async def send(self, frame: dict[str, Any]) -> None:
-        self.metrics.frames_out.labels(frame["type"]).inc()
+        self.metrics.sent(frame["type"]).inc()
         await self.ws.send(codec.encode(frame, self.fmt))
 
     async def pump(self) -> None:
@@ -192,7 +192,7 @@ class Connection:
                         items = [{k: v for k, v in u.map.items() if k != "type"} for u in chunk]
                         frame = {"type": "presences", "items": items}
                         await self.ws.send(codec.encode(frame, self.fmt))
-                        self.metrics.frames_out.labels("presences").inc()
+                        self.metrics.sent("presences").inc()
                 self._delivered(batch.values())
         except ConnectionClosed:
             pass
@@ -207,7 +207,7 @@ class Connection:
         if self.ws.protocol.state is not State.OPEN:
             raise ConnectionClosed(None, None)
         self.ws.transport.write(framed)
-        self.metrics.frames_out.labels(kind).inc()
+        self.metrics.sent(kind).inc()
         await asyncio.wait_for(self.ws.drain(), self.send_timeout)
 
     def _delivered(self, updates: Iterable[Update]) -> None:
@@ -393,7 +393,7 @@ class Hub:
                 if written:
                     # Written to every idle socket at once: one observation for them all.
                     self.metrics.deliveries.inc(written)
-                    self.metrics.frames_out.labels("presence").inc(written)
+                    self.metrics.sent("presence").inc(written)
                     if update.origin is not None:
                         self.metrics.update_latency.observe(time.time() - update.origin)
         elif channel.endswith(":s"):

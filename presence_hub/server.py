@@ -323,9 +323,9 @@ class Node:
             try:
                 request = codec.decode_request(data, conn.fmt)
             except FrameError:
-                self.metrics.frames_in.labels("invalid").inc()
+                self.metrics.received("invalid").inc()
                 raise
-            self.metrics.frames_in.labels(request.type).inc()
+            self.metrics.received(request.type).inc()
             request_id = request.id
             return await self._dispatch(conn, claims, request, arrived)
         except FrameError as exc:
