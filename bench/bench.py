@@ -241,25 +241,9 @@ def main() -> None:
             }
     elif opts.scenario == "connect":
         with hub() as (ws, http, procs):
-            result = summary(
-                loadtest(
-                    ws,
-                    http,
-                    procs,
-                    "--clients",
-                    "10000",
-                    "--contacts",
-                    "50",
-                    "--rate",
-                    "0",
-                    "--duration",
-                    "1",
-                    "--workers",
-                    "2",
-                    "--settle",
-                    "0",
-                )  # fmt: skip
-            )
+            args = ["--clients", "10000", "--contacts", "50", "--rate", "0"]
+            args += ["--duration", "1", "--workers", "2", "--settle", "0"]
+            result = summary(loadtest(ws, http, procs, *args))
     else:
         result = idle()
     print(json.dumps(result, indent=2))

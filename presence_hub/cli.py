@@ -16,15 +16,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from presence_hub.auth import ROLES, issue_token, load_or_create_secret
 from presence_hub.config import Settings
 from presence_hub.errors import PresenceHubError
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis
+from presence_hub.store.store import open_redis
 from presence_hub.watch import watch
 
 __all__ = ["main"]
@@ -164,9 +161,9 @@ def _serve_workers(settings: Settings, url: str, secret: str) -> None:
 
 
 async def _serve(settings: Settings, url: str, secret: str) -> None:
-    redis = Redis.from_url(url)
+    redis = open_redis(url)
     # The listener must see every disconnect, to resync after it: no silent retries.
-    pubsub_redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+    pubsub_redis = open_redis(url, max_connections=4, listener=True)
     node = Node(settings, redis, pubsub_redis, secret)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

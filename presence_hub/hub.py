@@ -118,12 +118,13 @@ class Connection:
         self._pending_self: Update | None = None
         #: The ver of the last Self map this socket was given.
         self.self_ver = -1
-        self._wake = asyncio.Event()
+        #: The writer of the backlog; it exists only while there is one.
+        self._pump: asyncio.Task[None] | None = None
         #: Set once the welcome went out: nothing may be written before it.
         self.ready = False
         self.coalesced = 0
-        #: Renewed by an ``auth`` frame; the socket closes with 1008 when it passes.
-        self.token_expires_at = 0.0
+        #: Closes the socket with 1008 when the token expires; an ``auth`` frame moves it.
+        self.expiry: asyncio.TimerHandle | None = None
 
     def _writable(self) -> bool:
         """Whether a frame can go straight to the transport, in order."""
@@ -150,7 +151,7 @@ class Connection:
             self.coalesced += 1
             self.metrics.coalesced.inc()
         self._pending[user] = update
-        self._wake.set()
+        self._start_pump()
         return False
 
     def offer_self(self, update: Update) -> None:
@@ -163,20 +164,32 @@ class Connection:
             self.metrics.sent("self").inc()
             return
         self._pending_self = update
-        self._wake.set()
+        self._start_pump()
+
+    def start(self) -> None:
+        """The welcome is out: updates may flow."""
+        self.ready = True
+        if self._pending or self._pending_self is not None:
+            self._start_pump()
+
+    def stop(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        if self.expiry is not None:
+            self.expiry.cancel()
+
+    def _start_pump(self) -> None:
+        if self.ready and self._pump is None:
+            self._pump = asyncio.get_running_loop().create_task(self._write_backlog())
 
     async def send(self, frame: dict[str, Any]) -> None:
         self.metrics.sent(frame["type"]).inc()
         await self.ws.send(codec.encode(frame, self.fmt))
 
-    async def pump(self) -> None:
-        """Write the backlog whenever there is one; close the socket if it stalls."""
-        self.ready = True
-        self._wake.set()
+    async def _write_backlog(self) -> None:
+        """Write the backlog as the socket drains; close the socket if it stalls."""
         try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
+            while self._pending or self._pending_self is not None:
                 await asyncio.wait_for(self.ws.drain(), self.send_timeout)
                 own, self._pending_self = self._pending_self, None
                 batch, self._pending = self._pending, {}
@@ -202,6 +215,8 @@ class Connection:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(1013, "fell too far behind"), 5)
             self.ws.transport.abort()
+        finally:
+            self._pump = None
 
     async def _write(self, framed: bytes, kind: str) -> None:
         if self.ws.protocol.state is not State.OPEN:

@@ -252,14 +252,13 @@ class Node:
         )
         self.metrics.sessions_opened.labels(conn.device).inc()
         self.metrics.connections.labels(conn.device).inc()
-        pump = asyncio.create_task(conn.pump())
-        expiry = asyncio.create_task(self._expire_token(conn, claims.expires_at))
+        conn.start()
+        self._expire_at(conn, claims.expires_at)
         try:
             await self._serve(conn, claims)
         finally:
             self.metrics.connections.labels(conn.device).dec()
-            pump.cancel()
-            expiry.cancel()
+            conn.stop()
             self.hub.leave(conn)
             logout = ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
             ended: rules.Input = (
@@ -284,14 +283,18 @@ class Node:
                     log.warning("session %s end deferred: %s", conn.session, exc)
                 await asyncio.sleep(1.0)
 
-    async def _expire_token(self, conn: Connection, expires_at: float) -> None:
-        conn.token_expires_at = expires_at
-        while True:
-            remaining = conn.token_expires_at - time.time()
-            if remaining <= 0:
-                await conn.ws.close(1008, "token expired")
-                return
-            await asyncio.sleep(remaining)
+    def _expire_at(self, conn: Connection, expires_at: float) -> None:
+        """Close the socket with 1008 when its token expires (a timer, not a task: cheap)."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+        loop = asyncio.get_running_loop()
+
+        def expire() -> None:
+            task = loop.create_task(conn.ws.close(1008, "token expired"))
+            self._cleanup.add(task)
+            task.add_done_callback(self._cleanup.discard)
+
+        conn.expiry = loop.call_at(loop.time() + max(0.0, expires_at - time.time()), expire)
 
     async def _serve(self, conn: Connection, claims: Claims) -> None:
         limit = _RateLimit(self.settings.rate_limit, self.settings.rate_burst)
@@ -390,7 +393,7 @@ class Node:
                     raise FrameError("bad_request", str(exc)) from exc
                 if (fresh_claims.user, fresh_claims.tenant) != (claims.user, claims.tenant):
                     raise FrameError("forbidden", "the token is for another user")
-                conn.token_expires_at = fresh_claims.expires_at
+                self._expire_at(conn, fresh_claims.expires_at)
             case codec.EventRequest(event=event):
                 if claims.role != "producer":
                     raise FrameError("forbidden", "events need the producer role")

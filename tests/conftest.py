@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from presence_hub.auth import Role, issue_token
 from presence_hub.config import Settings
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis, PresenceStore, find_redis_server
 from presence_hub.store.embedded import free_port
+from presence_hub.store.store import open_redis
 from tests.utils import Clock
 from tests.wsclient import Client
 
@@ -109,8 +108,8 @@ async def start_node(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator
 
     async def start(server: EmbeddedRedis | None = None, **overrides: Any) -> Node:
         url = (server or redis_server).url
-        main = Redis.from_url(url)
-        listener = Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+        main = open_redis(url)
+        listener = open_redis(url, max_connections=4, listener=True)
         node = Node(replace(TEST_SETTINGS, **overrides), main, listener, SECRET)
         await node.start()
         started.append((node, main, listener))

@@ -23,7 +23,9 @@ from importlib import resources
 from typing import Final, Literal, TypeAlias, cast
 
 import msgpack
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from presence_hub import codec, rules
@@ -33,7 +35,7 @@ from presence_hub.rules import Outcome, TimerFired, UserState, View
 from presence_hub.store import keys
 from presence_hub.store.serde import decode_state, encode_state
 
-__all__ = ["EVENT_TTL", "Applied", "EventResult", "PresenceStore"]
+__all__ = ["EVENT_TTL", "Applied", "EventResult", "PresenceStore", "open_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,16 @@ EVENT_TTL: Final = 86400
 #: A claimed timer that its node never committed fires again after this long.
 CLAIM_RETRY: Final = 30.0
 _MAX_ATTEMPTS: Final = 64
+
+
+def open_redis(url: str, *, max_connections: int = 128, listener: bool = False) -> Redis:
+    """A client for the hub: a bounded pool (thousands of sockets ending at once wait for
+    a connection instead of opening thousands), and for the pub/sub ``listener`` no
+    silent retries, so that every disconnect is seen and followed by a resync."""
+    options: dict[str, object] = {"max_connections": max_connections, "timeout": 30}
+    if listener:
+        options["retry"] = Retry(NoBackoff(), 0)
+    return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
 
 
 @contextlib.contextmanager
