@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
@@ -95,9 +93,9 @@ async def apply_events(
     metrics: Metrics | None = None,
 ) -> list[dict[str, Any]]:
     """One result map of PROTOCOL.md per event, in order: event_id, result and, when
-    rejected, error. Each user's events apply in the order given; users in parallel."""
+    rejected, error. Each user's events apply in the order given."""
     results: list[dict[str, Any]] = [{} for _ in raws]
-    by_user: dict[UserId, list[tuple[int, ProducerEvent]]] = defaultdict(list)
+    valid: list[tuple[int, ProducerEvent]] = []
     for n, raw in enumerate(raws):
         try:
             event = parse_event(raw)
@@ -113,16 +111,13 @@ async def apply_events(
                 label = kind if kind in EVENT_KINDS else "invalid"
                 metrics.events.labels(label, "rejected").inc()
             continue
-        by_user[event.user].append((n, event))
+        valid.append((n, event))
 
-    async def apply_in_order(events: list[tuple[int, ProducerEvent]]) -> None:
-        for n, event in events:
-            applied = await store.apply(
-                tenant, event.user, event.to_input(), event_id=event.event_id, origin=origin
-            )
-            results[n] = {"event_id": event.event_id, "result": applied.result}
-            if metrics is not None:
-                metrics.events.labels(event.kind, applied.result).inc()
-
-    await asyncio.gather(*(apply_in_order(events) for events in by_user.values()))
+    applied = await store.apply_events(
+        tenant, [(e.user, e.to_input(), e.event_id) for _, e in valid], origin=origin
+    )
+    for (n, event), result in zip(valid, applied, strict=True):
+        results[n] = {"event_id": event.event_id, "result": result}
+        if metrics is not None:
+            metrics.events.labels(event.kind, result).inc()
     return results

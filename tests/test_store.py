@@ -16,6 +16,7 @@ from redis.asyncio.client import PubSub
 from presence_hub.errors import StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.rules import (
+    CallEnded,
     CallStarted,
     ManualStatusSet,
     MessageSet,
@@ -267,3 +268,30 @@ async def test_the_embedded_redis_listens_on_a_private_socket_and_keeps_its_file
         redis = Redis.from_url(server.url)
         assert (await PresenceStore(redis).load(ACME, ALICE)).manual == "busy"
         await redis.aclose()
+
+
+async def test_a_batch_of_events_applies_in_order_and_publishes_the_net_change(
+    store: PresenceStore, redis: Redis, clock: Clock
+) -> None:
+    bob = UserId("bob")
+    await store.apply(ACME, ALICE, DESK)
+    await store.apply(ACME, bob, SessionOpened(SessionId("s2"), "desktop", "node-a"))
+    batch = [
+        (ALICE, CallStarted("c1", at=clock.now), "e1"),
+        (bob, CallStarted("c2", at=clock.now), "e2"),
+        (ALICE, CallEnded("c1", at=clock.now), "e3"),
+        (ALICE, CallStarted("c1", at=clock.now), "e4"),
+        (ALICE, CallStarted("c9", at=clock.now), "e1"),
+    ]
+    async with listening(redis, keys.presence_channel(ACME, ALICE)) as pubsub:
+        results = await store.apply_events(ACME, batch)
+        await store.apply(ACME, ALICE, MessageSet("marker"))
+        frames = [await next_frame(pubsub), await next_frame(pubsub)]
+    assert results == ["applied", "applied", "applied", "stale", "duplicate"]
+    # Alice's call started and ended within the batch: one update, the net one.
+    assert [(f["status"], f["message"], f["ver"]) for f in frames] == [
+        ("available", None, 3),
+        ("available", "marker", 4),
+    ]
+    assert (await store.views(ACME, [bob]))[0].status == "on_call"
+    assert await store.apply_events(ACME, batch) == ["duplicate"] * 5

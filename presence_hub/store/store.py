@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Final, Literal, TypeAlias, cast
+from typing import Any, Final, Literal, TypeAlias, cast
 
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -163,27 +163,17 @@ class PresenceStore:
                     cache.pop(state_key, None)
                     continue
                 return Applied(outcome.result, outcome)
-            view = _pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
-            sent_at = now if origin is None else origin
-            committed = await self._commit(
-                keys=[state_key, keys.timer_bucket(tenant, user)]
-                + ([event_key] if event_key is not None else []),
-                args=[
-                    rev,
-                    encode_state(outcome.state) if changed else b"",
-                    view,
-                    _pack([sent_at, _pack(codec.self_frame(outcome.self_view))])
-                    if outcome.self_view
-                    else b"",
-                    keys.member(tenant, user),
-                    "" if outcome.due is None else repr(outcome.due),
-                    keys.presence_channel(tenant, user),
-                    keys.self_channel(tenant, user),
-                    outcome.result,
-                    self._event_ttl,
-                    _pack([sent_at, view]) if view else b"",
-                ],
+            commit_keys, commit_args = self._commit_call(
+                tenant,
+                user,
+                rev,
+                outcome.state if changed else None,
+                outcome,
+                [event_key] if event_key is not None else [],
+                [outcome.result] if event_key is not None else [],
+                now if origin is None else origin,
             )
+            committed = await self._commit(keys=commit_keys, args=commit_args)
             if committed == -2:
                 return Applied("duplicate", None)
             if committed >= 0:
@@ -194,6 +184,126 @@ class PresenceStore:
                 # Many writers on one user: spread the retries out.
                 await asyncio.sleep(random.uniform(0, 0.001 * attempt))
         raise StoreContention(f"{tenant}:{user} kept changing; gave up after {_MAX_ATTEMPTS} tries")
+
+    def _commit_call(
+        self,
+        tenant: TenantId,
+        user: UserId,
+        rev: int,
+        new_state: UserState | None,
+        outcome: Outcome,
+        event_keys: list[str],
+        results: list[str],
+        sent_at: float,
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of commit.lua for one user's transition."""
+        view = _pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
+        own = (
+            _pack([sent_at, _pack(codec.self_frame(outcome.self_view))])
+            if outcome.self_view
+            else b""
+        )
+        return (
+            [keys.state_key(tenant, user), keys.timer_bucket(tenant, user), *event_keys],
+            [
+                rev,
+                b"" if new_state is None else encode_state(new_state),
+                view,
+                own,
+                keys.member(tenant, user),
+                "" if outcome.due is None else repr(outcome.due),
+                keys.presence_channel(tenant, user),
+                keys.self_channel(tenant, user),
+                self._event_ttl,
+                _pack([sent_at, view]) if view else b"",
+                *results,
+            ],
+        )
+
+    async def apply_events(
+        self,
+        tenant: TenantId,
+        batch: Sequence[tuple[UserId, rules.Input, str]],
+        *,
+        origin: float | None = None,
+    ) -> list[EventResult]:
+        """Apply a batch of producer events (user, input, event id), each user's in order.
+
+        One pipelined round trip reads every user and event id, the rules fold each
+        user's events together, and a second round trip commits every user. A user
+        whose commit meets another writer falls back to one transition per event.
+        Observers get one update per user with the final state (coalesced)."""
+        try:
+            return await self._apply_events(tenant, batch, origin)
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def _apply_events(
+        self,
+        tenant: TenantId,
+        batch: Sequence[tuple[UserId, rules.Input, str]],
+        origin: float | None,
+    ) -> list[EventResult]:
+        by_user: dict[UserId, list[int]] = {}
+        for n, (user, _, _) in enumerate(batch):
+            by_user.setdefault(user, []).append(n)
+        event_keys = [keys.event_key(tenant, user, eid) for user, _, eid in batch]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in by_user:
+                pipe.hmget(keys.state_key(tenant, user), ["rev", "state"])
+            for key in event_keys:
+                pipe.exists(key)
+            replies = await pipe.execute()
+        reads, seen = replies[: len(by_user)], replies[len(by_user) :]
+
+        now = self._clock()
+        sent_at = now if origin is None else origin
+        results: list[EventResult] = ["duplicate"] * len(batch)
+        commits: list[tuple[UserId, list[int], UserState, tuple[list[str], list[Any]]]] = []
+        for (user, indices), (raw_rev, blob) in zip(by_user.items(), reads, strict=True):
+            rev = 0 if raw_rev is None or blob is None else int(raw_rev)
+            state = UserState() if rev == 0 else decode_state(blob)
+            folded, outcome, view, own, fresh = state, None, None, None, []
+            ids: set[str] = set()
+            for n in indices:
+                if seen[n] or batch[n][2] in ids:
+                    continue
+                ids.add(batch[n][2])
+                outcome = rules.apply(folded, batch[n][1], now)
+                folded = outcome.state
+                view = outcome.view or view
+                own = outcome.self_view or own
+                results[n] = outcome.result
+                fresh.append(n)
+            if outcome is None:
+                continue
+            # The net change: the last view and self view that changed, the final due time.
+            net = Outcome(folded, view, own, outcome.due, outcome.result)
+            call = self._commit_call(
+                tenant,
+                user,
+                rev,
+                folded if folded != state else None,
+                net,
+                [event_keys[n] for n in fresh],
+                [results[n] for n in fresh],
+                sent_at,
+            )
+            commits.append((user, fresh, folded, call))
+
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, _, _, (commit_keys, commit_args) in commits:
+                await self._commit(keys=commit_keys, args=commit_args, client=pipe)
+            committed = await pipe.execute(raise_on_error=False)
+        for (user, fresh, folded, _), result in zip(commits, committed, strict=True):
+            if isinstance(result, int) and result >= 0:
+                self._remember(keys.state_key(tenant, user), result, folded)
+                continue
+            # Another writer came first: one transition per event, re-reading each time.
+            for n in fresh:
+                applied = await self._apply(tenant, user, batch[n][1], batch[n][2], origin)
+                results[n] = applied.result
+        return results
 
     def _remember(self, state_key: str, rev: int, state: UserState) -> None:
         cache = self._cache

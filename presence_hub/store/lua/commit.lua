@@ -1,9 +1,10 @@
--- Commits one user's transition, computed by the rules from the state read at
--- revision ARGV[1], unless another writer committed in between (optimistic
--- concurrency: the caller re-reads and retries). Publishes what changed.
+-- Commits one user's transition (one input, or several folded together), computed
+-- by the rules from the state read at revision ARGV[1], unless another writer
+-- committed in between (optimistic concurrency: the caller re-reads and retries).
+-- Publishes what changed.
 -- KEYS[1] - the user's hash: rev (integer), state (blob), view (presence frame)
 -- KEYS[2] - the timer bucket holding the user (sorted set: member -> due time)
--- KEYS[3] - optional: the producer event's idempotency record
+-- KEYS[3..] - the idempotency records of the producer events applied, if any
 -- ARGV[1] - the revision the transition was computed from (0 for a new user)
 -- ARGV[2] - the new state blob, or "" when the state itself did not change
 -- ARGV[3] - the new presence frame (observer view), or "" when it did not change
@@ -12,16 +13,22 @@
 -- ARGV[6] - the next due time, or "" for none
 -- ARGV[7] - the presence channel
 -- ARGV[8] - the self channel
--- ARGV[9] - with KEYS[3]: the event's result, to remember
--- ARGV[10] - with KEYS[3]: how long to remember it, in seconds
--- ARGV[11] - what to publish on the presence channel (the frame and its origin time)
--- Returns the revision now stored, -1 on a conflict, -2 for a duplicate event.
+-- ARGV[9] - how long to remember the events, in seconds
+-- ARGV[10] - what to publish on the presence channel (the frame and its origin time)
+-- ARGV[11..] - each event's result, to remember, in the order of KEYS[3..]
+-- Returns the revision now stored, -1 on a conflict, -2 if an event was seen before
+-- (then nothing is written).
 local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if rev ~= tonumber(ARGV[1]) then
   return -1
 end
-if KEYS[3] and not redis.call('SET', KEYS[3], ARGV[9], 'NX', 'EX', ARGV[10]) then
-  return -2
+for i = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    return -2
+  end
+end
+for i = 3, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 8], 'EX', ARGV[9])
 end
 if ARGV[2] ~= '' then
   rev = rev + 1
@@ -29,7 +36,7 @@ if ARGV[2] ~= '' then
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'view', ARGV[3])
-  redis.call('PUBLISH', ARGV[7], ARGV[11])
+  redis.call('PUBLISH', ARGV[7], ARGV[10])
 end
 if ARGV[4] ~= '' then
   redis.call('PUBLISH', ARGV[8], ARGV[4])
