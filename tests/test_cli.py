@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from presence_hub.auth import verify_token
 from presence_hub.cli import settings_from
 from presence_hub.store.embedded import free_port
-from tests.utils import timeout
+from tests.utils import timeout, wait_for_port
 from tests.wsclient import Client
 
 
@@ -33,20 +32,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> str:
 
 def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, env=env)
-
-
-async def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    async with asyncio.timeout(timeout(30)):
-        while True:
-            assert process.poll() is None, "the hub exited"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
 
 
 @pytest.mark.slow

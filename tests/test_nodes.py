@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 from presence_hub.store import EmbeddedRedis
 from presence_hub.store.embedded import free_port
 from tests.conftest import SECRET, StartNode, make_token, ws_url
-from tests.utils import timeout
+from tests.utils import timeout, wait_for_port
 from tests.wsclient import Client
 
 pytestmark = pytest.mark.slow
@@ -45,17 +45,7 @@ class HubProcess:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
     async def ready(self) -> None:
-        async with asyncio.timeout(timeout(30)):
-            while True:
-                assert self.process.poll() is None, self.log.read_text()
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                await writer.wait_closed()
-                return
+        await wait_for_port(self.port, self.process)
 
     def signal(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)

@@ -18,6 +18,7 @@ from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.rules import (
     CallEnded,
     CallStarted,
+    Input,
     ManualStatusSet,
     MessageSet,
     SessionOpened,
@@ -276,7 +277,7 @@ async def test_a_batch_of_events_applies_in_order_and_publishes_the_net_change(
     bob = UserId("bob")
     await store.apply(ACME, ALICE, DESK)
     await store.apply(ACME, bob, SessionOpened(SessionId("s2"), "desktop", "node-a"))
-    batch = [
+    batch: list[tuple[UserId, Input, str]] = [
         (ALICE, CallStarted("c1", at=clock.now), "e1"),
         (bob, CallStarted("c2", at=clock.now), "e2"),
         (ALICE, CallEnded("c1", at=clock.now), "e3"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Callable
 from typing import Final
 
@@ -35,3 +36,18 @@ async def eventually(condition: Callable[[], bool], wait: float = 10) -> None:
     async with asyncio.timeout(timeout(wait)):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+
+
+async def wait_for_port(port: int, process: subprocess.Popen[bytes], wait: float = 30) -> None:
+    """Wait until ``process`` accepts TCP connections on ``port``; fail if it exits."""
+    async with asyncio.timeout(timeout(wait)):
+        while True:
+            assert process.poll() is None, "the process exited"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
