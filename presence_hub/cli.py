@@ -44,6 +44,8 @@ _HELP = {
     "max_subscriptions": "subscriptions on one connection",
     "rate_limit": "frames a connection may send per second",
     "rate_burst": "frames a connection may send in a burst",
+    "producer_rate_limit": "frames a producer connection may send per second",
+    "producer_rate_burst": "frames a producer connection may send in a burst",
     "send_timeout": "seconds a stalled socket may block its updates before it is closed (1013)",
     "socket_send_buffer": "kernel send buffer per socket, in bytes",
     "min_auto_away": "shortest auto-away setting a client may choose, in seconds",

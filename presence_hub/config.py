@@ -30,6 +30,9 @@ class Settings:
     #: Frames a connection may send per second, with bursts of ``rate_burst``.
     rate_limit: float = 50.0
     rate_burst: int = 200
+    #: The same for producers (call and meeting servers), who speak for many users.
+    producer_rate_limit: float = 20_000.0
+    producer_rate_burst: int = 40_000
     #: A socket whose writes stall this long is closed with 1013.
     send_timeout: float = 20.0
     #: Kernel send buffer per socket: bounds what a stalled client holds in the kernel.

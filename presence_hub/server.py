@@ -68,6 +68,75 @@ class _RateLimit:
         return True
 
 
+class _EventBatcher:
+    """A producer's event frames, applied in batches: the frames that arrive while one
+    batch is being applied form the next, so a producer that pipelines its events gets
+    the batch path of ``POST /v1/events``. Replies go out in the order of the frames."""
+
+    MAX: Final = 1000
+
+    def __init__(self, node: Node, conn: Connection) -> None:
+        self.node = node
+        self.conn = conn
+        self.queue: list[tuple[codec.RequestId, Any, float]] = []
+        self.flusher: asyncio.Task[None] | None = None
+        self.room = asyncio.Event()
+        self.room.set()
+
+    async def take(self, data: bytes | str) -> bool:
+        """Queue ``data`` if it is a well-formed event frame; False for any other frame."""
+        try:
+            request = codec.decode_request(data, self.conn.fmt)
+        except FrameError:
+            return False
+        if not isinstance(request, codec.EventRequest):
+            return False
+        self.node.metrics.received("event").inc()
+        await self.room.wait()
+        self.queue.append((request.id, request.event, time.time()))
+        if len(self.queue) >= self.MAX:
+            self.room.clear()
+        if self.flusher is None:
+            self.flusher = asyncio.create_task(self._flush())
+        return True
+
+    async def _flush(self) -> None:
+        node, conn = self.node, self.conn
+        try:
+            while self.queue:
+                batch, self.queue = self.queue, []
+                self.room.set()
+                try:
+                    with node.metrics.store_seconds.labels("events").time():
+                        results = await apply_events(
+                            node.store,
+                            conn.tenant,
+                            [event for _, event, _ in batch],
+                            origin=batch[0][2],
+                            metrics=node.metrics,
+                        )
+                    replies = [
+                        {"type": "ok", "id": rid, "result": result}
+                        for (rid, _, _), result in zip(batch, results, strict=True)
+                    ]
+                except (StoreUnavailable, TimeoutError):
+                    node.metrics.redis_errors.inc()
+                    replies = [
+                        codec.error_frame("unavailable", "store unavailable; retry later", rid)
+                        for rid, _, _ in batch
+                    ]
+                for reply in replies:
+                    await conn.send(reply)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.flusher = None
+
+    def stop(self) -> None:
+        if self.flusher is not None:
+            self.flusher.cancel()
+
+
 class Node:
     """A hub node: serve() until stop(); any number of nodes may share one Redis."""
 
@@ -297,9 +366,16 @@ class Node:
         conn.expiry = loop.call_at(loop.time() + max(0.0, expires_at - time.time()), expire)
 
     async def _serve(self, conn: Connection, claims: Claims) -> None:
-        limit = _RateLimit(self.settings.rate_limit, self.settings.rate_burst)
+        s = self.settings
+        producer = claims.role == "producer"
+        limit = (
+            _RateLimit(s.producer_rate_limit, s.producer_rate_burst)
+            if producer
+            else _RateLimit(s.rate_limit, s.rate_burst)
+        )
+        events = _EventBatcher(self, conn) if producer else None
         refused = 0
-        with contextlib.suppress(ConnectionClosed):
+        try:
             async for data in conn.ws:
                 if not limit.allow():
                     refused += 1
@@ -313,9 +389,16 @@ class Node:
                     )
                     continue
                 refused = 0
+                if events is not None and await events.take(data):
+                    continue
                 reply = await self._answer(conn, claims, data)
                 if reply is not None:
                     await conn.send(reply)
+        except ConnectionClosed:
+            pass
+        finally:
+            if events is not None:
+                events.stop()
 
     async def _answer(
         self, conn: Connection, claims: Claims, data: bytes | str
