@@ -103,8 +103,8 @@ async def get_presence(request: web.Request) -> web.Response:
     if len(users) > MAX_EVENTS:
         return _error(400, f"at most {MAX_EVENTS} users in a request")
     presences = []
-    for user in users:
-        state = await node.store.load(claims.tenant, UserId(user))
+    states = await node.store.load_many(claims.tenant, [UserId(u) for u in users])
+    for user, state in zip(users, states, strict=True):
         status, rule = rules.decide(state)
         presence = codec.presence_map(user, state.view)
         # An invisible user with a live session takes calls (rule 2); offline and dnd do not.

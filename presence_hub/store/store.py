@@ -104,6 +104,17 @@ class PresenceStore:
             raise StoreUnavailable(str(exc)) from exc
         return state
 
+    async def load_many(self, tenant: TenantId, users: Sequence[UserId]) -> list[UserState]:
+        """Several users' states in one round trip; a user never seen has the default state."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for user in users:
+                    pipe.hget(keys.state_key(tenant, user), "state")
+                blobs: list[bytes | None] = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [UserState() if b is None else decode_state(b) for b in blobs]
+
     async def views(self, tenant: TenantId, users: Sequence[UserId]) -> list[View]:
         """What observers see of each user; a user never seen is offline at ver 0."""
         try:
