@@ -125,6 +125,11 @@ class _EventBatcher:
                         codec.error_frame("unavailable", "store unavailable; retry later", rid)
                         for rid, _, _ in batch
                     ]
+                except Exception:
+                    log.exception("internal error applying events for %s", conn.tenant)
+                    replies = [
+                        codec.error_frame("internal", "internal error", rid) for rid, _, _ in batch
+                    ]
                 for reply in replies:
                     await conn.send(reply)
         except ConnectionClosed:

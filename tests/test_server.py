@@ -9,10 +9,12 @@ from typing import Any
 
 import msgpack
 import pytest
+from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from presence_hub.store.nodes import NODES_KEY
 from tests.conftest import SECRET, StartNode, make_token, ws_url
 from tests.utils import eventually
 from tests.wsclient import Client, stalled_client
@@ -464,3 +466,38 @@ async def test_the_stalled_reader_backlog_is_one_update_per_user(start_node: Sta
 
 def test_secret_is_shared_by_the_fixtures() -> None:
     assert SECRET
+
+
+async def test_a_node_declared_dead_sends_its_clients_elsewhere(
+    start_node: StartNode, redis: Redis
+) -> None:
+    node = await start_node()
+    alice = await Client.connect(ws_url(node), make_token("alice"))
+    # Another node reaped this one (it stalled past its lease): it must not keep ghosts.
+    await redis.zrem(NODES_KEY, node.id)
+    with pytest.raises(ConnectionClosed) as closed:
+        await alice.recv(wait=15)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1012
+    again = await Client.connect(ws_url(node), make_token("alice"))
+    assert again.welcome["self"]["effective"] == "available"
+
+
+async def test_a_corrupt_record_is_an_internal_error_for_that_request_only(
+    start_node: StartNode, redis: Redis
+) -> None:
+    node = await start_node()
+    alice = await Client.connect(ws_url(node), make_token("alice"))
+    await redis.hset("ph:{acme:mallory}", mapping={"rev": 3, "state": b"\x93garbage"})  # type: ignore[misc]
+    producer = await Client.connect(ws_url(node), make_token("pbx", role="producer"))
+    event = {
+        "event_id": "x",
+        "kind": "call_started",
+        "user": "mallory",
+        "ref": "c",
+        "at": time.time(),
+    }
+    failed = await producer.request({"type": "event", "event": event})
+    assert (failed["type"], failed["code"]) == ("error", "internal")
+    assert (await alice.request({"type": "set_status", "status": "busy"}))["type"] == "ok"
+    assert (await producer.request({"type": "query", "users": ["alice"]}))["type"] == "snapshot"
