@@ -96,6 +96,7 @@ class PresenceStore:
         self._cache_size = cache_size
         self._commit = redis.register_script(_script("commit.lua"))
         self._claim = redis.register_script(_script("claim_timers.lua"))
+        self._views = redis.register_script(_script("views.lua"))
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         try:
@@ -117,11 +118,10 @@ class PresenceStore:
 
     async def views(self, tenant: TenantId, users: Sequence[UserId]) -> list[View]:
         """What observers see of each user; a user never seen is offline at ver 0."""
+        if not users:
+            return []
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for user in users:
-                    pipe.hget(keys.state_key(tenant, user), "view")
-                frames: list[bytes | None] = await pipe.execute()
+            frames = await self._views(keys=[keys.state_key(tenant, u) for u in users])
         except RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [View() if f is None else _view_from_frame(f) for f in frames]
