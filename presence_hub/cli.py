@@ -47,6 +47,7 @@ _HELP = {
     "producer_rate_limit": "frames a producer connection may send per second",
     "producer_rate_burst": "frames a producer connection may send in a burst",
     "send_timeout": "seconds a stalled socket may block its updates before it is closed (1013)",
+    "keepalive": "seconds between pings; a socket that misses one is closed as dead",
     "socket_send_buffer": "kernel send buffer per socket, in bytes",
     "min_auto_away": "shortest auto-away setting a client may choose, in seconds",
     "workers": "worker processes on the same ports (SO_REUSEPORT), to use every core",

@@ -35,6 +35,8 @@ class Settings:
     producer_rate_burst: int = 40_000
     #: A socket whose writes stall this long is closed with 1013.
     send_timeout: float = 20.0
+    #: Seconds between keepalive pings; a socket that misses one is closed as dead.
+    keepalive: float = 20.0
     #: Kernel send buffer per socket: bounds what a stalled client holds in the kernel.
     socket_send_buffer: int = 64 * 1024
     #: The shortest auto-away setting a client may choose (PROTOCOL.md: 60 s).

@@ -92,6 +92,26 @@ class Connection:
     its writer task sends as soon as the socket drains.
     """
 
+    # Tens of thousands of these live at once: no per-instance __dict__.
+    __slots__ = (
+        "_pending",
+        "_pending_self",
+        "_pump",
+        "coalesced",
+        "device",
+        "expiry",
+        "fmt",
+        "metrics",
+        "ready",
+        "self_ver",
+        "send_timeout",
+        "session",
+        "tenant",
+        "user",
+        "watching",
+        "ws",
+    )
+
     def __init__(
         self,
         ws: ServerConnection,

@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
@@ -181,6 +181,9 @@ class Node:
         await self.registry.register()
         self._tasks.append(asyncio.create_task(self.store.run_timers(), name="timers"))
         self._tasks.append(asyncio.create_task(self._keep_lease(), name="lease"))
+        self._tasks.append(
+            asyncio.create_task(self._keep_alive(self.settings.keepalive), name="keepalive")
+        )
         self._server = await serve(
             self._handle,
             self.settings.host,
@@ -191,6 +194,8 @@ class Node:
             # Presence frames are small; deflate would cost more CPU than it saves.
             compression=None,
             reuse_port=self.settings.workers > 1,
+            # One keepalive loop for the node (below) instead of a task per socket.
+            ping_interval=None,
             # Updates never wait on a socket's receive side; keep its queue short.
             max_queue=4,
         )
@@ -252,6 +257,24 @@ class Node:
                     log.info("expired %d sessions of dead nodes", reaped)
             except StoreError as exc:
                 log.warning("lease not renewed: %s", exc)
+
+    async def _keep_alive(self, every: float) -> None:
+        """Ping every socket each round; a socket that did not answer the last round's
+        ping is dead (a half-open TCP connection) and is closed, so its session drops."""
+        waiting: dict[Connection, Awaitable[float]] = {}
+        while True:
+            await asyncio.sleep(every)
+            answered: dict[Connection, Awaitable[float]] = {}
+            for conn in list(self.hub.connections):
+                if conn.ws.paused:
+                    continue  # a full socket is the backlog writer's to judge (send_timeout)
+                previous = waiting.get(conn)
+                if previous is not None and not previous.done():  # type: ignore[attr-defined]
+                    conn.ws.transport.abort()
+                    continue
+                with contextlib.suppress(ConnectionClosed):
+                    answered[conn] = await conn.ws.ping()
+            waiting = answered
 
     # --- The handshake --------------------------------------------------------------
 

@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     bar = tqdm(total=opts.clients, desc="connecting", unit="client", disable=opts.quiet)
-    t0 = time.time()
+    t0, cpu_at_start = time.time(), cpu_seconds(hub)
     for w in workers:
         w.start()
     ready = 0
@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "ready":
             ready += 1
     connect_wall = time.time() - t0
+    connect_cpu = cpu_seconds(hub) - cpu_at_start
     bar.close()
 
     cpu_before, load_started = cpu_seconds(hub), time.time()
@@ -570,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": opts.workers,
         "rate_target": opts.rate,
         "connect_and_subscribe_seconds": round(connect_wall, 3),
+        "hub_cpu_seconds_connecting": round(connect_cpu, 3),
         "changes_sent": sum(r["changes_sent"] for r in merged),
         "changes_per_second": round(sum(r["changes_sent"] for r in merged) / opts.duration, 1),
         "run_seconds": round(load_seconds, 1),

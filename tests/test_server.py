@@ -501,3 +501,14 @@ async def test_a_corrupt_record_is_an_internal_error_for_that_request_only(
     assert (failed["type"], failed["code"]) == ("error", "internal")
     assert (await alice.request({"type": "set_status", "status": "busy"}))["type"] == "ok"
     assert (await producer.request({"type": "query", "users": ["alice"]}))["type"] == "snapshot"
+
+
+async def test_a_half_open_connection_is_found_by_keepalive(start_node: StartNode) -> None:
+    node = await start_node(keepalive=0.3, grace=0.5)
+    bob = await Client.connect(ws_url(node), make_token("bob"))
+    await bob.request({"type": "subscribe", "users": ["ghost"]})
+    # A client that vanished without a FIN: it never answers a ping again.
+    ghost = await stalled_client(ws_url(node), make_token("ghost"), [])
+    await bob.presence("ghost", status="available")
+    await bob.presence("ghost", status="offline")
+    ghost.transport.abort()
