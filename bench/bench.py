@@ -100,6 +100,10 @@ def loadtest(ws: str, http: str, procs: list[psutil.Process], *args: str) -> dic
         return report
 
 
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     keys = [
         "clients", "connected", "rate_target", "changes_per_second", "deliveries_per_second",
@@ -236,11 +240,17 @@ def main() -> None:
     elif opts.scenario == "cores":
         result = {"workers_1": fanout([3000]), "workers_2": fanout([3000], workers=2)}
     elif opts.scenario == "ingest":
-        with hub() as (ws, http, _):
-            result = {
-                "http_events_per_second": round(asyncio.run(ingest_http(http)), 1),
-                "ws_events_per_second": round(asyncio.run(ingest_ws(ws)), 1),
-            }
+        with hub() as (ws, http, procs):
+            result = {}
+            for name, run in (("http", lambda: ingest_http(http)), ("ws", lambda: ingest_ws(ws))):
+                cpu, started = cpu_seconds(procs), time.time()
+                rate = asyncio.run(run())
+                used = cpu_seconds(procs) - cpu
+                result[f"{name}_events_per_second"] = round(rate, 1)
+                result[f"{name}_hub_cpu_share"] = round(used / (time.time() - started), 2)
+                result[f"{name}_hub_cpu_us_per_event"] = round(
+                    used / (rate * (time.time() - started)) * 1e6, 1
+                )
     elif opts.scenario == "connect":
         with hub() as (ws, http, procs):
             args = ["--clients", "10000", "--contacts", "50", "--rate", "0"]
