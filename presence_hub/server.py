@@ -505,14 +505,9 @@ class Node:
                 if (fresh_claims.user, fresh_claims.tenant) != (claims.user, claims.tenant):
                     raise FrameError("forbidden", "the token is for another user")
                 self._expire_at(conn, fresh_claims.expires_at)
-            case codec.EventRequest(event=event):
-                if claims.role != "producer":
-                    raise FrameError("forbidden", "events need the producer role")
-                with self.metrics.store_seconds.labels("events").time():
-                    (result,) = await apply_events(
-                        self.store, conn.tenant, [event], origin=arrived, metrics=self.metrics
-                    )
-                return {"type": "ok", "id": request.id, "result": result}
+            case codec.EventRequest():
+                # A producer's events never get here: its _EventBatcher takes them.
+                raise FrameError("forbidden", "events need the producer role")
         return {"type": "ok", "id": request.id}
 
     def _check_size(self, users: list[UserId]) -> None:
