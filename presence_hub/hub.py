@@ -2,12 +2,13 @@
 
 The node listens on Redis only for the users that its own sockets watch (a
 channel is subscribed with its first watcher and released with its last).
-Each update is decoded once and encoded at most once per frame format, then
-handed to every local watcher without waiting for any socket: a connection
-keeps at most one pending update per user (the newest ``ver`` wins) and a
-writer task of its own, so a slow socket delays nobody else and its backlog is
-bounded by its subscription count. A socket whose writes stall longer than
-``send_timeout`` is closed with 1013.
+Each update is decoded once and framed at most once per frame format, then
+handed to every local watcher without waiting for any socket: the frame goes
+straight to each idle socket's transport, and a socket that cannot take it
+keeps at most one pending update per user (the newest ``ver`` wins), written by
+a task of its own once the socket drains. A slow socket delays nobody else and
+its backlog is bounded by its subscription count; one whose writes stall longer
+than ``send_timeout`` is closed with 1013.
 
 When the Redis connection drops, the node reconnects, listens again and
 re-reads the state of every watched user, so subscribers end with the truth
