@@ -6,7 +6,7 @@
     bench/bench.py ingest      producer events through POST /v1/events and WebSocket frames
     bench/bench.py connect     10,000 clients connect and subscribe to 50 contacts each
     bench/bench.py idle        10,000 idle connections: hub memory per connection
-    bench/bench.py cores       the fan-out scenario with --workers 1 and 2
+    bench/bench.py cores       1,000 changes per second with --workers 1 and 2
 
 Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures
@@ -238,7 +238,7 @@ def main() -> None:
     elif opts.scenario == "latency":
         result = fanout([1000])
     elif opts.scenario == "cores":
-        result = {"workers_1": fanout([3000]), "workers_2": fanout([3000], workers=2)}
+        result = {"workers_1": fanout([1000]), "workers_2": fanout([1000], workers=2)}
     elif opts.scenario == "ingest":
         with hub() as (ws, http, procs):
             result = {}
