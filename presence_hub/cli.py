@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     secret, tenant=args.tenant, user=args.user, role=args.role, ttl=args.ttl
                 )
             )
-    except (PresenceHubError, ValueError) as exc:
+    except (PresenceHubError, ValueError, OSError) as exc:  # OSError: a port in use, say
         print(f"presence-hub: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
 

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from presence_hub.errors import StoreUnavailable
+from presence_hub.errors import EmbeddedRedisError, StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.rules import (
     CallEnded,
@@ -296,3 +296,14 @@ async def test_a_batch_of_events_applies_in_order_and_publishes_the_net_change(
     ]
     assert (await store.views(ACME, [bob]))[0].status == "on_call"
     assert await store.apply_events(ACME, batch) == ["duplicate"] * 5
+
+
+def test_two_embedded_redis_servers_never_share_a_data_directory(tmp_path: Any) -> None:
+    with (
+        EmbeddedRedis(tmp_path / "data"),
+        pytest.raises(EmbeddedRedisError, match="in use by another running hub"),
+    ):
+        EmbeddedRedis(tmp_path / "data").start()
+    # Released with the first one: the directory can be used again.
+    with EmbeddedRedis(tmp_path / "data") as again:
+        assert again.running

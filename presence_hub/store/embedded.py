@@ -7,6 +7,7 @@ write to the operating system before answering it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import redis
 
@@ -72,6 +74,7 @@ class EmbeddedRedis:
         self.binary = binary or find_redis_server()
         self.extra_args = extra_args
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock: IO[bytes] | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -89,6 +92,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 15.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         listen = (
             ["--port", str(self.port), "--bind", "127.0.0.1"]
             if self.port is not None
@@ -110,8 +114,22 @@ class EmbeddedRedis:
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
         except OSError as exc:
+            self.stop()
             raise EmbeddedRedisError(f"cannot run {self.binary}: {exc}") from exc
         self._wait_ready(timeout)
+
+    def _take_lock(self) -> None:
+        """One redis-server per data directory: two would write the same files."""
+        lock = (self.data_dir / "lock").open("ab")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            lock.close()
+            raise EmbeddedRedisError(
+                f"{self.data_dir} is in use by another running hub; "
+                "give this one its own --data-dir, or point it at that Redis with --redis-url"
+            ) from exc
+        self._lock = lock
 
     def _wait_ready(self, timeout: float) -> None:
         client = redis.Redis.from_url(self.url, socket_timeout=1)
@@ -123,6 +141,7 @@ class EmbeddedRedis:
                     err = self._process.stderr.read().decode() if self._process.stderr else ""
                     log = self.data_dir / "redis.log"
                     tail = log.read_text()[-2000:] if log.exists() else ""
+                    self.stop()
                     raise EmbeddedRedisError(f"redis-server exited: {err}{tail}".strip())
                 try:
                     # Answers LOADING (an error) while it reads its append-only file.
@@ -140,6 +159,14 @@ class EmbeddedRedis:
     def stop(self, *, kill: bool = False, timeout: float = 15.0) -> None:
         """Stop it: SIGTERM lets it finish its files; ``kill`` simulates a crash."""
         process, self._process = self._process, None
+        try:
+            self._stop(process, kill=kill, timeout=timeout)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+    def _stop(self, process: subprocess.Popen[bytes] | None, *, kill: bool, timeout: float) -> None:
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
