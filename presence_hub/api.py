@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
@@ -152,7 +152,7 @@ async def explain(request: web.Request) -> web.Response:
     )
 
 
-def _activities(open_ones: Any) -> list[dict[str, Any]]:
+def _activities(open_ones: Mapping[str, rules.Activity]) -> list[dict[str, Any]]:
     return [
         {"ref": ref, "started": a.started, "expires_at": a.deadline} for ref, a in open_ones.items()
     ]

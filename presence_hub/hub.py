@@ -448,7 +448,7 @@ class Hub:
             self._confirmed.pop(channel, None)
         by_tenant: dict[TenantId, list[UserId]] = defaultdict(list)
         for channel in list(self._watchers):
-            tenant, user = keys.parse_member(channel[4:-3])
+            tenant, user = keys.channel_member(channel)
             by_tenant[tenant].append(user)
         try:
             for tenant, users in by_tenant.items():
@@ -459,7 +459,7 @@ class Hub:
                     for conn in self._watchers.get(keys.presence_channel(tenant, user), ()):
                         conn.offer(user, update)
             for channel, owners in list(self._owners.items()):
-                tenant, user = keys.parse_member(channel[4:-3])
+                tenant, user = keys.channel_member(channel)
                 state = await self.store.load(tenant, user)
                 frame = codec.self_frame(self_view(state))
                 update = Update(msgpack.packb(frame), frame)

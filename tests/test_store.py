@@ -307,3 +307,9 @@ def test_two_embedded_redis_servers_never_share_a_data_directory(tmp_path: Any) 
     # Released with the first one: the directory can be used again.
     with EmbeddedRedis(tmp_path / "data") as again:
         assert again.running
+
+
+def test_a_channel_names_its_user() -> None:
+    user = UserId("alice.smith+ops@example.com")
+    assert keys.channel_member(keys.presence_channel(ACME, user)) == (ACME, user)
+    assert keys.channel_member(keys.self_channel(ACME, user)) == (ACME, user)

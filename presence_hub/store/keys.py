@@ -15,6 +15,7 @@ from presence_hub.ids import TenantId, UserId
 
 __all__ = [
     "TIMER_BUCKETS",
+    "channel_member",
     "event_key",
     "member",
     "parse_member",
@@ -36,6 +37,11 @@ def member(tenant: TenantId, user: UserId) -> str:
 def parse_member(value: str) -> tuple[TenantId, UserId]:
     tenant, _, user = value.partition(":")
     return TenantId(tenant), UserId(user)
+
+
+def channel_member(channel: str) -> tuple[TenantId, UserId]:
+    """The tenant and user of a presence or self channel."""
+    return parse_member(channel[channel.index("{") + 1 : channel.index("}")])
 
 
 def state_key(tenant: TenantId, user: UserId) -> str:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.rules import SessionExpired
 from presence_hub.store import keys
-from presence_hub.store.store import PresenceStore, _script, redis_errors
+from presence_hub.store.store import PresenceStore, lua_script, redis_errors
 
 __all__ = ["NODES_KEY", "NodeRegistry"]
 
@@ -41,7 +41,7 @@ class NodeRegistry:
         self.node = node
         self.lease = lease
         self._clock = clock
-        self._claim = redis.register_script(_script("claim_timers.lua"))
+        self._claim = redis.register_script(lua_script("claim_timers.lua"))
 
     @property
     def renew_every(self) -> float:

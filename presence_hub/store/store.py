@@ -35,7 +35,15 @@ from presence_hub.rules import Outcome, TimerFired, UserState, View
 from presence_hub.store import keys
 from presence_hub.store.serde import decode_state, encode_state
 
-__all__ = ["EVENT_TTL", "Applied", "EventResult", "PresenceStore", "open_redis"]
+__all__ = [
+    "EVENT_TTL",
+    "Applied",
+    "EventResult",
+    "PresenceStore",
+    "lua_script",
+    "open_redis",
+    "redis_errors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,8 @@ def redis_errors() -> Iterator[None]:
         raise StoreUnavailable(str(exc)) from exc
 
 
-def _script(name: str) -> str:
+def lua_script(name: str) -> str:
+    """A Lua script of store/lua/, for ``register_script`` (which retries on NOSCRIPT)."""
     return resources.files("presence_hub.store").joinpath("lua", name).read_text()
 
 
@@ -94,9 +103,9 @@ class PresenceStore:
         # commit; the commit's revision check catches any copy another writer made stale.
         self._cache: OrderedDict[str, tuple[int, UserState]] = OrderedDict()
         self._cache_size = cache_size
-        self._commit = redis.register_script(_script("commit.lua"))
-        self._claim = redis.register_script(_script("claim_timers.lua"))
-        self._views = redis.register_script(_script("views.lua"))
+        self._commit = redis.register_script(lua_script("commit.lua"))
+        self._claim = redis.register_script(lua_script("claim_timers.lua"))
+        self._views = redis.register_script(lua_script("views.lua"))
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         try:
