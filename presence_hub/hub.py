@@ -22,12 +22,13 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import msgpack
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
+from redis.asyncio import RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -41,6 +42,7 @@ from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.rules import Device, self_view
 from presence_hub.store import PresenceStore, keys
+from presence_hub.store.store import RedisClient
 
 __all__ = ["Connection", "Hub"]
 
@@ -256,20 +258,93 @@ class Connection:
         self.metrics.deliveries.inc(count)
 
 
+class _Shard:
+    """One connection to one Redis server, listening to the channels it serves.
+
+    On a single Redis there is one, with SUBSCRIBE; on a cluster one per master that
+    owns a watched user, with SSUBSCRIBE, so that each update crosses only its shard.
+    Commands are written while a reader task reads replies and messages."""
+
+    def __init__(self, connection: AbstractConnection, *, sharded: bool) -> None:
+        self.connection = connection
+        self.sharded = sharded
+        #: The channels subscribed on it, or to subscribe once it is connected.
+        self.channels: set[str] = set()
+        #: Channels asked to unsubscribe: their confirmations are expected.
+        self.leaving: set[str] = set()
+        self.connected = False
+        #: Set once connected and subscribed to the channels asked for so far.
+        self.up = asyncio.Event()
+        self.reader: asyncio.Task[None] | None = None
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        new = [c for c in channels if c not in self.channels]
+        self.channels.update(new)
+        self.leaving.difference_update(new)
+        if self.connected:
+            await self._send("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", new)
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        gone = [c for c in channels if c in self.channels]
+        self.channels.difference_update(gone)
+        self.leaving.update(gone)
+        if self.connected:
+            await self._send("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", gone)
+
+    async def _send(self, command: str, channels: list[str]) -> None:
+        if self.sharded:
+            # One command's shard channels must share a slot: one command per partition.
+            by_slot: dict[int, list[str]] = defaultdict(list)
+            for channel in channels:
+                by_slot[keys.key_slot(_tag(channel))].append(channel)
+            groups: Iterable[list[str]] = by_slot.values()
+        else:
+            groups = (
+                channels[n : n + SUBSCRIBE_CHUNK] for n in range(0, len(channels), SUBSCRIBE_CHUNK)
+            )
+        for group in groups:
+            if group:
+                await self.connection.send_command(command, *group)
+
+    async def listen(self, dispatch: Callable[[bytes, str, Any], None]) -> None:
+        """Connect, subscribe what was asked so far, then hand every reply to ``dispatch``
+        until the connection fails."""
+        await self.connection.connect()  # type: ignore[no-untyped-call]
+        self.connected = True
+        await self._send("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", list(self.channels))
+        self.up.set()
+        read = self.connection.read_response
+        while True:
+            kind, channel, data = await read()
+            dispatch(kind, channel.decode(), data)
+
+    async def close(self) -> None:
+        self.connected = False
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self.reader
+        with contextlib.suppress(Exception):
+            await self.connection.disconnect()
+
+
 class Hub:
-    def __init__(
-        self, store: PresenceStore, pubsub_redis: Redis, node_channel: str, metrics: Metrics
-    ) -> None:
+    def __init__(self, store: PresenceStore, listen_redis: RedisClient, metrics: Metrics) -> None:
         self.store = store
         self.metrics = metrics
-        self._redis = pubsub_redis
-        self._node_channel = node_channel
+        #: Where the listening connections come from: its pool's settings on a single
+        #: Redis, its map of slots to servers on a cluster.
+        self._redis = listen_redis
+        self._sharded = isinstance(listen_redis, RedisCluster)
         #: presence channel -> local connections watching that user
         self._watchers: dict[str, set[Connection]] = defaultdict(set)
         #: self channel -> local connections of that user
         self._owners: dict[str, set[Connection]] = defaultdict(set)
         self._confirmed: dict[str, asyncio.Future[None]] = {}
-        self._pubsub: PubSub | None = None
+        #: Redis server name -> the connection listening there.
+        self._shards: dict[str, _Shard] = {}
+        #: Set when a listening connection fails or its slots move: listen anew.
+        self._lost = asyncio.Event()
         self._ready = asyncio.Event()
         self.connections: set[Connection] = set()
 
@@ -345,79 +420,139 @@ class Hub:
             for channel in channels:
                 self._confirmed[channel] = loop.create_future()
             waits = waits + [self._confirmed[c] for c in channels]
-            pubsub = self._pubsub
-            if pubsub is not None and self._ready.is_set():
+            if self._ready.is_set():
                 try:
-                    await pubsub.subscribe(*channels)
-                except RedisError as exc:
-                    # The listener resubscribes everything once it reconnects.
+                    for shard, group in self._by_shard(channels).items():
+                        await shard.subscribe(group)
+                except (RedisError, OSError) as exc:
+                    # The listener subscribes everything again once it is back.
                     log.warning("subscribe deferred: %s", exc)
+                    self._lost.set()
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), 30)
 
     def _unsubscribe(self, channels: list[str]) -> None:
-        pubsub = self._pubsub
-        if not channels or pubsub is None or not self._ready.is_set():
+        if not channels or not self._ready.is_set():
             return
         for channel in channels:
             fut = self._confirmed.pop(channel, None)
             if fut is not None and not fut.done():
                 fut.cancel()
-        task = asyncio.ensure_future(pubsub.unsubscribe(*channels))
-        task.add_done_callback(_log_failure)
+        for shard, group in self._by_shard(channels).items():
+            task = asyncio.ensure_future(shard.unsubscribe(group))
+            task.add_done_callback(_log_failure)
+
+    def _by_shard(self, channels: Iterable[str]) -> dict[_Shard, list[str]]:
+        """Channels grouped by the server that serves them, starting a listening
+        connection to any server this node does not listen to yet."""
+        groups: dict[_Shard, list[str]] = defaultdict(list)
+        for channel in channels:
+            groups[self._shard_for(channel)].append(channel)
+        return groups
+
+    def _shard_for(self, channel: str | None) -> _Shard:
+        redis = self._redis
+        if isinstance(redis, RedisCluster):
+            assert channel is not None
+            node = redis.nodes_manager.get_node_from_slot(keys.key_slot(_tag(channel)))
+            name, settings = node.name, node.connection_kwargs
+            kind: type[AbstractConnection] = node.connection_class
+        else:
+            pool = redis.connection_pool
+            name, kind, settings = "redis", pool.connection_class, pool.connection_kwargs
+        shard = self._shards.get(name)
+        if shard is None:
+            # No timeouts: a listener waits for messages as long as there are none.
+            settings = {**settings, "socket_timeout": None, "health_check_interval": 0}
+            shard = self._shards[name] = _Shard(kind(**settings), sharded=self._sharded)
+            shard.reader = asyncio.get_running_loop().create_task(self._listen(shard))
+        return shard
+
+    async def _listen(self, shard: _Shard) -> None:
+        try:
+            await shard.listen(self._dispatch_for(shard))
+        except (RedisError, OSError, ValueError) as exc:
+            if self._ready.is_set():
+                log.warning("lost Redis pub/sub (%s)", exc)
+            self._lost.set()
 
     # --- Listening ---------------------------------------------------------------
 
     async def run(self) -> None:
-        """Listen on Redis until cancelled, reconnecting and resyncing after any outage."""
+        """Listen on Redis until cancelled, reconnecting and resyncing after any outage
+        and, on a cluster, after slots move to another shard."""
         backoff = 0.1
         first = True
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                channels = [self._node_channel, *self._watchers, *self._owners]
-                for start in range(0, len(channels), SUBSCRIBE_CHUNK):
-                    await pubsub.subscribe(*channels[start : start + SUBSCRIBE_CHUNK])
-                self._pubsub = pubsub
-                self._ready.set()
-                if not first:
-                    log.info("listening on Redis again: resyncing %d users", len(self._watchers))
-                    asyncio.get_running_loop().create_task(self._resync()).add_done_callback(
-                        _log_failure
-                    )
-                first = False
-                backoff = 0.1
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is not None:
-                        self._dispatch(message)
-            except (RedisError, OSError) as exc:
+        try:
+            while True:
+                self._lost.clear()
+                try:
+                    await self._listen_everywhere()
+                    if not first:
+                        log.info("listening again: resyncing %d users", len(self._watchers))
+                        asyncio.get_running_loop().create_task(self._resync()).add_done_callback(
+                            _log_failure
+                        )
+                    first = False
+                    backoff = 0.1
+                    await self._lost.wait()
+                except (RedisError, OSError) as exc:
+                    log.warning("cannot listen on Redis (%s); retrying in %.1f s", exc, backoff)
+                    backoff = min(backoff * 2, 2.0)
                 self._ready.clear()
-                self._pubsub = None
-                log.warning("lost Redis pub/sub (%s); reconnecting in %.1f s", exc, backoff)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._close_shards()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                raise
+        finally:
+            self._ready.clear()
+            await self._close_shards()
+
+    async def _listen_everywhere(self) -> None:
+        """Connect to every server that serves a watched channel and subscribe there;
+        then the node is ready."""
+        if isinstance(self._redis, RedisCluster):
+            await self._redis.nodes_manager.initialize()
+        else:
+            self._shard_for(None)  # a single Redis: listen even before anyone watches
+        for shard, group in self._by_shard([*self._watchers, *self._owners]).items():
+            shard.channels.update(group)
+        lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
+        shards = list(self._shards.values())
+        up: asyncio.Future[Any] = asyncio.gather(*(shard.up.wait() for shard in shards))
+        try:
+            await asyncio.wait([lost, up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            up.cancel()
+        if self._lost.is_set():
+            raise RedisConnectionError("a listening connection failed while connecting")
+        self._ready.set()
+
+    async def _close_shards(self) -> None:
+        shards, self._shards = list(self._shards.values()), {}
+        for shard in shards:
+            await shard.close()
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        channel = message["channel"].decode()
-        if kind == "subscribe":
-            fut = self._confirmed.pop(channel, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-            return
-        if kind != "message":
-            return
-        data: bytes = message["data"]
+    def _dispatch_for(self, shard: _Shard) -> Callable[[bytes, str, Any], None]:
+        def dispatch(kind: bytes, channel: str, data: Any) -> None:
+            if kind in (b"message", b"smessage"):
+                self._deliver(channel, data)
+            elif kind in (b"subscribe", b"ssubscribe"):
+                fut = self._confirmed.pop(channel, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif kind == b"sunsubscribe" and channel not in shard.leaving:
+                # Redis unsubscribed us itself: the channel's slot moved to another shard.
+                log.info("slot of %s moved; listening again", channel)
+                self._lost.set()
+            else:
+                shard.leaving.discard(channel)
+
+        return dispatch
+
+    def _deliver(self, channel: str, data: bytes) -> None:
         if channel.endswith(":p"):
             watchers = self._watchers.get(channel)
             if watchers:
@@ -467,6 +602,10 @@ class Hub:
                     conn.offer_self(update)
         except StoreUnavailable as exc:
             log.warning("resync incomplete, Redis unavailable again: %s", exc)
+
+
+def _tag(channel: str) -> str:
+    return channel[channel.index("{") + 1 : channel.index("}")]
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

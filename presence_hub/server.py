@@ -17,7 +17,6 @@ from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
-from redis.asyncio import Redis
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -35,6 +34,7 @@ from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
 from presence_hub.store.nodes import NodeRegistry
+from presence_hub.store.store import RedisClient
 
 __all__ = ["WS_PATH", "Node"]
 
@@ -145,14 +145,16 @@ class _EventBatcher:
 class Node:
     """A hub node: serve() until stop(); any number of nodes may share one Redis."""
 
-    def __init__(self, settings: Settings, redis: Redis, pubsub_redis: Redis, secret: str) -> None:
+    def __init__(
+        self, settings: Settings, redis: RedisClient, pubsub_redis: RedisClient, secret: str
+    ) -> None:
         self.settings = settings
         self.secret = secret
         self.id = uuid.uuid4().hex[:12]
         self.metrics = Metrics()
         self.store = PresenceStore(redis)
         self.registry = NodeRegistry(redis, self.id, settings.lease)
-        self.hub = Hub(self.store, pubsub_redis, f"ph:node:{self.id}", self.metrics)
+        self.hub = Hub(self.store, pubsub_redis, self.metrics)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()
         )

@@ -16,7 +16,7 @@ from presence_hub.config import Settings
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis, PresenceStore, find_redis_server
 from presence_hub.store.embedded import free_port
-from presence_hub.store.store import open_redis
+from presence_hub.store.store import RedisClient, open_redis
 from tests.utils import Clock
 from tests.wsclient import Client
 
@@ -104,7 +104,7 @@ StartNode = Callable[..., Awaitable[Node]]
 @pytest.fixture
 async def start_node(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[StartNode]:
     """Start hub nodes in this test's event loop, on the shared Redis; stop them at the end."""
-    started: list[tuple[Node, Redis, Redis]] = []
+    started: list[tuple[Node, RedisClient, RedisClient]] = []
 
     async def start(server: EmbeddedRedis | None = None, **overrides: Any) -> Node:
         url = (server or redis_server).url

@@ -14,6 +14,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from presence_hub.ids import TenantId, UserId
+from presence_hub.store import keys
 from presence_hub.store.nodes import NODES_KEY
 from tests.conftest import SECRET, StartNode, make_token, ws_url
 from tests.utils import eventually
@@ -488,7 +490,10 @@ async def test_a_corrupt_record_is_an_internal_error_for_that_request_only(
 ) -> None:
     node = await start_node()
     alice = await Client.connect(ws_url(node), make_token("alice"))
-    await redis.hset("ph:{acme:mallory}", mapping={"rev": 3, "state": b"\x93garbage"})  # type: ignore[misc]
+    await redis.hset(
+        keys.state_key(TenantId("acme"), UserId("mallory")),
+        mapping={"rev": 3, "state": b"\x93garbage"},
+    )  # type: ignore[misc]
     producer = await Client.connect(ws_url(node), make_token("pbx", role="producer"))
     event = {
         "event_id": "x",

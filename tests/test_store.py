@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -12,6 +13,7 @@ import msgpack
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.crc import key_slot
 
 from presence_hub.errors import EmbeddedRedisError, StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
@@ -215,16 +217,31 @@ async def test_concurrent_writers_in_several_processes_lose_nothing(
     assert final.message == frames[-1]["message"]
 
 
-async def test_every_key_of_a_user_shares_one_hash_tag(store: PresenceStore, redis: Redis) -> None:
+async def test_every_key_of_a_user_and_its_timer_share_one_slot(
+    store: PresenceStore, redis: Redis
+) -> None:
+    """On Redis Cluster each transition is then one script on one shard."""
     await store.apply(ACME, ALICE, DESK)
     await store.apply(ACME, ALICE, CallStarted("c", at=0, max_duration=1e10), event_id="e1")
-    stored = cast("list[bytes]", await redis.keys("*"))
-    user_keys = {k.decode() for k in stored if not k.startswith(b"ph:timers:")}
-    assert user_keys == {"ph:{acme:alice}", "ph:{acme:alice}:ev:e1"}
-    assert all(
-        "{acme:alice}" in c
-        for c in (keys.presence_channel(ACME, ALICE), keys.self_channel(ACME, ALICE))
+    stored = {k.decode() for k in cast("list[bytes]", await redis.keys("*"))}
+    assert stored == {
+        keys.state_key(ACME, ALICE),
+        keys.event_key(ACME, ALICE, "e1"),
+        keys.timer_bucket(ACME, ALICE),
+    }
+    channels = {keys.presence_channel(ACME, ALICE), keys.self_channel(ACME, ALICE)}
+    assert len({key_slot(name.encode()) for name in stored | channels}) == 1
+
+
+def test_partitions_spread_users_and_timers_evenly_over_the_slots() -> None:
+    # Three shards with equal slot ranges, as `redis-cli --cluster create` makes them.
+    shard_of_bucket = [key_slot(b.encode()) * 3 // 16384 for b in keys.timer_buckets()]
+    assert len(set(keys.timer_buckets())) == keys.PARTITIONS
+    assert sorted(Counter(shard_of_bucket).values()) == [85, 85, 86]
+    users = Counter(
+        key_slot(keys.state_key(ACME, UserId(f"u{n}")).encode()) * 3 // 16384 for n in range(30000)
     )
+    assert all(9000 < count < 11000 for count in users.values())
 
 
 async def test_tenants_do_not_share_state(store: PresenceStore) -> None:

@@ -1,24 +1,32 @@
 """Where a user's data lives in Redis.
 
-Every key and channel of one user carries the hash tag ``{tenant:user}``, so on
-Redis Cluster all of them sit in one slot and each transition runs on one shard.
-Ids cannot contain braces or colons (see ``presence_hub.ids``), so a tag is
+Users are spread over ``PARTITIONS`` partitions by a hash of ``tenant:user``.
+Every key and channel of a partition carries the partition's hash tag, so on
+Redis Cluster all of one user's keys, and the partition's timer bucket, sit in
+one slot: each transition, timer included, is one script on one shard. The
+partitions' slots are spread evenly over the cluster's 16,384 slots, so any
+even split of the slots between shards splits users and timers evenly too.
+Ids cannot contain braces or colons (see ``presence_hub.ids``), so a key is
 never ambiguous.
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
 import zlib
 from typing import Final
 
 from presence_hub.ids import TenantId, UserId
 
 __all__ = [
-    "TIMER_BUCKETS",
+    "PARTITIONS",
     "channel_member",
     "event_key",
+    "key_slot",
     "member",
     "parse_member",
+    "partition",
     "presence_channel",
     "self_channel",
     "state_key",
@@ -26,8 +34,28 @@ __all__ = [
     "timer_buckets",
 ]
 
-#: Timers are spread over this many sorted sets, so that no single key is hot.
-TIMER_BUCKETS: Final = 16
+#: Enough that slots split evenly between shards and no timer bucket is hot; few
+#: enough that a node polls every timer bucket in one pipelined round trip.
+PARTITIONS: Final = 256
+CLUSTER_SLOTS: Final = 16384
+
+
+def key_slot(tag: str) -> int:
+    """The Redis Cluster slot of a hash tag (CRC16/XMODEM, as Redis computes it)."""
+    return binascii.crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
+
+
+@functools.cache
+def _tags() -> tuple[str, ...]:
+    """For partition n, a short tag whose slot lies in the n-th of PARTITIONS equal
+    slot ranges: the partitions are spread evenly over the slots."""
+    tags: dict[int, str] = {}
+    candidate = 0
+    while len(tags) < PARTITIONS:
+        tag = f"p{candidate:x}"
+        tags.setdefault(key_slot(tag) * PARTITIONS // CLUSTER_SLOTS, tag)
+        candidate += 1
+    return tuple(tags[n] for n in range(PARTITIONS))
 
 
 def member(tenant: TenantId, user: UserId) -> str:
@@ -39,30 +67,40 @@ def parse_member(value: str) -> tuple[TenantId, UserId]:
     return TenantId(tenant), UserId(user)
 
 
+def partition(tenant: TenantId, user: UserId) -> int:
+    return zlib.crc32(member(tenant, user).encode()) % PARTITIONS
+
+
+def _prefix(tenant: TenantId, user: UserId) -> str:
+    return f"ph:{{{_tags()[partition(tenant, user)]}}}:{tenant}:{user}"
+
+
 def channel_member(channel: str) -> tuple[TenantId, UserId]:
     """The tenant and user of a presence or self channel."""
-    return parse_member(channel[channel.index("{") + 1 : channel.index("}")])
+    tenant, user, _ = channel[channel.index("}") + 2 :].split(":")
+    return TenantId(tenant), UserId(user)
 
 
 def state_key(tenant: TenantId, user: UserId) -> str:
-    return f"ph:{{{tenant}:{user}}}"
+    return _prefix(tenant, user)
 
 
 def presence_channel(tenant: TenantId, user: UserId) -> str:
-    return f"ph:{{{tenant}:{user}}}:p"
+    return f"{_prefix(tenant, user)}:p"
 
 
 def self_channel(tenant: TenantId, user: UserId) -> str:
-    return f"ph:{{{tenant}:{user}}}:s"
+    return f"{_prefix(tenant, user)}:s"
 
 
 def event_key(tenant: TenantId, user: UserId, event_id: str) -> str:
-    return f"ph:{{{tenant}:{user}}}:ev:{event_id}"
+    return f"{_prefix(tenant, user)}:ev:{event_id}"
 
 
 def timer_bucket(tenant: TenantId, user: UserId) -> str:
-    return f"ph:timers:{zlib.crc32(member(tenant, user).encode()) % TIMER_BUCKETS}"
+    """The sorted set of due times of the user's partition, in the user's slot."""
+    return f"ph:{{{_tags()[partition(tenant, user)]}}}:timers"
 
 
 def timer_buckets() -> list[str]:
-    return [f"ph:timers:{n}" for n in range(TIMER_BUCKETS)]
+    return [f"ph:{{{tag}}}:timers" for tag in _tags()]

@@ -12,12 +12,10 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
-from redis.asyncio import Redis
-
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.rules import SessionExpired
 from presence_hub.store import keys
-from presence_hub.store.store import PresenceStore, lua_script, redis_errors
+from presence_hub.store.store import PresenceStore, RedisClient, redis_errors, register_script
 
 __all__ = ["NODES_KEY", "NodeRegistry"]
 
@@ -31,7 +29,7 @@ def _sessions_key(node: str) -> str:
 class NodeRegistry:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         node: str,
         lease: float,
         *,
@@ -41,7 +39,7 @@ class NodeRegistry:
         self.node = node
         self.lease = lease
         self._clock = clock
-        self._claim = redis.register_script(lua_script("claim_timers.lua"))
+        self._claim = register_script(redis, "claim_timers.lua")
 
     @property
     def renew_every(self) -> float:

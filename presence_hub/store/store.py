@@ -23,10 +23,13 @@ from importlib import resources
 from typing import Any, Final, Literal, TypeAlias, cast
 
 import msgpack
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from presence_hub import codec, rules
 from presence_hub.errors import StoreContention, StoreUnavailable
@@ -40,14 +43,21 @@ __all__ = [
     "Applied",
     "EventResult",
     "PresenceStore",
+    "RedisClient",
+    "is_cluster_url",
     "lua_script",
     "open_redis",
     "redis_errors",
+    "register_script",
 ]
 
 log = logging.getLogger(__name__)
 
 EventResult: TypeAlias = Literal["applied", "stale", "duplicate"]
+#: A script, its keys and its arguments.
+ScriptCall: TypeAlias = tuple[AsyncScript, list[str], list[Any]]
+#: A single Redis (or a replica set behind one address) or a Redis Cluster.
+RedisClient: TypeAlias = Redis | RedisCluster
 
 #: Producer event ids are remembered this long (PROTOCOL.md: idempotency).
 EVENT_TTL: Final = 86400
@@ -56,10 +66,25 @@ CLAIM_RETRY: Final = 30.0
 _MAX_ATTEMPTS: Final = 64
 
 
-def open_redis(url: str, *, max_connections: int = 128, listener: bool = False) -> Redis:
+CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+def open_redis(url: str, *, max_connections: int = 128, listener: bool = False) -> RedisClient:
     """A client for the hub: a bounded pool (thousands of sockets ending at once wait for
     a connection instead of opening thousands), and for the pub/sub ``listener`` no
-    silent retries, so that every disconnect is seen and followed by a resync."""
+    silent retries, so that every disconnect is seen and followed by a resync.
+
+    ``redis+cluster://host:port`` (or ``rediss+cluster://``) names any node of a Redis
+    Cluster; the client learns the others and which slots each serves from it."""
+    scheme, _, rest = url.partition("://")
+    if scheme in CLUSTER_SCHEMES:
+        return RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme]}://{rest}", max_connections=max_connections
+        )
     options: dict[str, object] = {"max_connections": max_connections, "timeout": 30}
     if listener:
         options["retry"] = Retry(NoBackoff(), 0)
@@ -76,8 +101,15 @@ def redis_errors() -> Iterator[None]:
 
 
 def lua_script(name: str) -> str:
-    """A Lua script of store/lua/, for ``register_script`` (which retries on NOSCRIPT)."""
+    """The text of a Lua script of store/lua/."""
     return resources.files("presence_hub.store").joinpath("lua", name).read_text()
+
+
+def register_script(redis: RedisClient, name: str) -> AsyncScript:
+    """A script of store/lua/ run by its SHA, loaded again where Redis answers NOSCRIPT."""
+    # redis-py's annotations name only Redis, but a RedisCluster serves it the same way
+    # (EVALSHA goes to the shard of the keys, SCRIPT LOAD to every primary).
+    return AsyncScript(cast("Redis", redis), lua_script(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,22 +122,25 @@ class Applied:
 class PresenceStore:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         clock: Callable[[], float] = time.time,
         event_ttl: int = EVENT_TTL,
         cache_size: int = 100_000,
     ) -> None:
         self.redis = redis
+        self.cluster = isinstance(redis, RedisCluster)
+        # Sharded pub/sub on a cluster: an update travels only within its user's shard.
+        self._publish = "SPUBLISH" if self.cluster else "PUBLISH"
         self._clock = clock
         self._event_ttl = event_ttl
         # The last state this node committed per user, to skip the read before the next
         # commit; the commit's revision check catches any copy another writer made stale.
         self._cache: OrderedDict[str, tuple[int, UserState]] = OrderedDict()
         self._cache_size = cache_size
-        self._commit = redis.register_script(lua_script("commit.lua"))
-        self._claim = redis.register_script(lua_script("claim_timers.lua"))
-        self._views = redis.register_script(lua_script("views.lua"))
+        self._commit = register_script(redis, "commit.lua")
+        self._claim = register_script(redis, "claim_timers.lua")
+        self._views = register_script(redis, "views.lua")
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         try:
@@ -129,11 +164,31 @@ class PresenceStore:
         """What observers see of each user; a user never seen is offline at ver 0."""
         if not users:
             return []
+        state_keys = [keys.state_key(tenant, u) for u in users]
         try:
-            frames = await self._views(keys=[keys.state_key(tenant, u) for u in users])
+            if self.cluster:
+                frames = await self._views_by_partition(tenant, users, state_keys)
+            else:
+                frames = await self._views(keys=state_keys)
         except RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [View() if f is None else _view_from_frame(f) for f in frames]
+
+    async def _views_by_partition(
+        self, tenant: TenantId, users: Sequence[UserId], state_keys: list[str]
+    ) -> list[bytes | None]:
+        """A script's keys must share a slot: one call per partition, pipelined."""
+        groups: dict[int, list[int]] = {}
+        for n, user in enumerate(users):
+            groups.setdefault(keys.partition(tenant, user), []).append(n)
+        calls: list[ScriptCall] = [
+            (self._views, [state_keys[n] for n in group], []) for group in groups.values()
+        ]
+        frames: list[bytes | None] = [None] * len(users)
+        for group, reply in zip(groups.values(), await self._run_scripts(calls), strict=True):
+            for n, frame in zip(group, _raise_error(reply), strict=True):
+                frames[n] = frame
+        return frames
 
     async def apply(
         self,
@@ -236,6 +291,7 @@ class PresenceStore:
                 keys.self_channel(tenant, user),
                 self._event_ttl,
                 _pack([sent_at, view]) if view else b"",
+                self._publish,
                 *results,
             ],
         )
@@ -311,10 +367,7 @@ class PresenceStore:
             )
             commits.append((user, fresh, folded, call))
 
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for _, _, _, (commit_keys, commit_args) in commits:
-                await self._commit(keys=commit_keys, args=commit_args, client=pipe)
-            committed = await pipe.execute(raise_on_error=False)
+        committed = await self._run_scripts([(self._commit, k, a) for _, _, _, (k, a) in commits])
         for (user, fresh, folded, _), result in zip(commits, committed, strict=True):
             if isinstance(result, int) and result >= 0:
                 self._remember(keys.state_key(tenant, user), result, folded)
@@ -350,21 +403,56 @@ class PresenceStore:
             return 0, UserState(), bool(seen)
         return int(rev), decode_state(blob), bool(seen)
 
+    async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Script calls in one pipelined round trip (one per shard on a cluster); each
+        reply is a result or the error of that call. A server that answers NOSCRIPT (a
+        restarted or new one: scripts are not persisted) is given the script, and the
+        calls it refused are run again."""
+        replies = await self._evalsha_pipeline(calls)
+        refused = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if refused:
+            for script in {calls[n][0] for n in refused}:
+                await self.redis.script_load(script.script)
+            again = await self._evalsha_pipeline([calls[n] for n in refused])
+            for n, reply in zip(refused, again, strict=True):
+                replies[n] = reply
+        return replies
+
+    async def _evalsha_pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        pipe: Pipeline | ClusterPipeline
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script, script_keys, args in calls:
+                pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
     async def fire_due_timers(self, limit: int = 200) -> int:
-        """Fire every due timer this node can claim; returns how many it fired."""
+        """Fire every due timer this node can claim; returns how many it fired.
+
+        Every partition's bucket is claimed in one pipelined round trip."""
         now = self._clock()
-        fired = 0
+        args = [repr(now), limit, repr(now + CLAIM_RETRY)]
         try:
-            for bucket in keys.timer_buckets():
-                members: list[bytes] = await self._claim(
-                    keys=[bucket], args=[repr(now), limit, repr(now + CLAIM_RETRY)]
-                )
-                users = [keys.parse_member(m.decode()) for m in members]
-                await asyncio.gather(*(self._apply(t, u, TimerFired(), None) for t, u in users))
-                fired += len(users)
+            replies = await self._run_scripts(
+                [(self._claim, [bucket], args) for bucket in keys.timer_buckets()]
+            )
         except RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return fired
+        users = [
+            keys.parse_member(m.decode())
+            for reply in replies
+            if not isinstance(reply, Exception)
+            for m in reply
+        ]
+        try:
+            await asyncio.gather(*(self._apply(t, u, TimerFired(), None) for t, u in users))
+        except RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if failed is not None:
+            # What could be claimed has fired; the rest waits for the shard to come back.
+            raise StoreUnavailable(str(failed))
+        return len(users)
 
     async def run_timers(self, interval: float = 0.2) -> None:
         """Fire due timers until cancelled; survives Redis outages."""
@@ -384,6 +472,12 @@ class PresenceStore:
 
 def _pack(frame: object) -> bytes:
     return msgpack.packb(frame)  # type: ignore[no-any-return]
+
+
+def _raise_error(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def _view_from_frame(frame: bytes) -> View:

@@ -3,7 +3,7 @@
 -- committed in between (optimistic concurrency: the caller re-reads and retries).
 -- Publishes what changed.
 -- KEYS[1] - the user's hash: rev (integer), state (blob), view (presence frame)
--- KEYS[2] - the timer bucket holding the user (sorted set: member -> due time)
+-- KEYS[2] - the timer bucket of the user's partition (sorted set: member -> due time)
 -- KEYS[3..] - the idempotency records of the producer events applied, if any
 -- ARGV[1] - the revision the transition was computed from (0 for a new user)
 -- ARGV[2] - the new state blob, or "" when the state itself did not change
@@ -15,7 +15,8 @@
 -- ARGV[8] - the self channel
 -- ARGV[9] - how long to remember the events, in seconds
 -- ARGV[10] - what to publish on the presence channel (the frame and its origin time)
--- ARGV[11..] - each event's result, to remember, in the order of KEYS[3..]
+-- ARGV[11] - PUBLISH, or SPUBLISH on a cluster (the channels are in KEYS[1]'s slot)
+-- ARGV[12..] - each event's result, to remember, in the order of KEYS[3..]
 -- Returns the revision now stored, -1 on a conflict, -2 if an event was seen before
 -- (then nothing is written).
 local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
@@ -28,7 +29,7 @@ for i = 3, #KEYS do
   end
 end
 for i = 3, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 8], 'EX', ARGV[9])
+  redis.call('SET', KEYS[i], ARGV[i + 9], 'EX', ARGV[9])
 end
 if ARGV[2] ~= '' then
   rev = rev + 1
@@ -36,10 +37,10 @@ if ARGV[2] ~= '' then
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'view', ARGV[3])
-  redis.call('PUBLISH', ARGV[7], ARGV[10])
+  redis.call(ARGV[11], ARGV[7], ARGV[10])
 end
 if ARGV[4] ~= '' then
-  redis.call('PUBLISH', ARGV[8], ARGV[4])
+  redis.call(ARGV[11], ARGV[8], ARGV[4])
 end
 if ARGV[6] ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
