@@ -510,6 +510,8 @@ class Hub:
         """Connect to every server that serves a watched channel and subscribe there;
         then the node is ready."""
         if isinstance(self._redis, RedisCluster):
+            # The client's own start (once), then a fresh map of slots to servers.
+            await self._redis.initialize()
             await self._redis.nodes_manager.initialize()
         else:
             self._shard_for(None)  # a single Redis: listen even before anyone watches

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis, PresenceStore, find_redis_server
 from presence_hub.store.embedded import free_port
 from presence_hub.store.store import RedisClient, open_redis
+from tests.cluster import LocalCluster
 from tests.utils import Clock
 from tests.wsclient import Client
 
@@ -101,13 +104,13 @@ TEST_SETTINGS = Settings(
 StartNode = Callable[..., Awaitable[Node]]
 
 
-@pytest.fixture
-async def start_node(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[StartNode]:
-    """Start hub nodes in this test's event loop, on the shared Redis; stop them at the end."""
+@asynccontextmanager
+async def node_starter(default_url: str) -> AsyncIterator[StartNode]:
+    """Start hub nodes in this test's event loop; stop them at the end."""
     started: list[tuple[Node, RedisClient, RedisClient]] = []
 
     async def start(server: EmbeddedRedis | None = None, **overrides: Any) -> Node:
-        url = (server or redis_server).url
+        url = default_url if server is None else server.url
         main = open_redis(url)
         listener = open_redis(url, max_connections=4, listener=True)
         node = Node(replace(TEST_SETTINGS, **overrides), main, listener, SECRET)
@@ -115,12 +118,59 @@ async def start_node(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator
         started.append((node, main, listener))
         return node
 
-    yield start
-    await Client.close_all()
-    for node, main, listener in started:
-        await node.stop()
-        await main.aclose()
-        await listener.aclose()
+    try:
+        yield start
+    finally:
+        await Client.close_all()
+        for node, main, listener in started:
+            await node.stop()
+            await main.aclose()
+            await listener.aclose()
+
+
+@pytest.fixture
+async def start_node(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[StartNode]:
+    """Hub nodes on the shared Redis (emptied for each test)."""
+    async with node_starter(redis_server.url) as start:
+        yield start
+
+
+def _cluster_binary() -> str:
+    """Sharded pub/sub needs Redis 7: the cluster tests need a redis-server 7 or newer."""
+    for tag, binary in sorted(REDIS_BINARIES.items(), reverse=True):
+        if int(tag.removeprefix("redis-").split(".")[0]) >= 7:
+            return binary
+    raise RuntimeError(
+        "the Redis Cluster tests need redis-server 7 or newer on the PATH "
+        f"(or in PRESENCE_HUB_REDIS_SERVER); found {sorted(REDIS_BINARIES)}"
+    )
+
+
+@pytest.fixture(scope="session")
+def session_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), _cluster_binary())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(session_cluster: LocalCluster) -> LocalCluster:
+    """A three-master Redis Cluster shared by the tests, emptied and healthy for each."""
+    session_cluster.wait_healthy()
+    session_cluster.flush()
+    return session_cluster
+
+
+@pytest.fixture
+async def start_cluster_node(redis_cluster: LocalCluster) -> AsyncIterator[StartNode]:
+    """Hub nodes on the Redis Cluster."""
+    async with node_starter(redis_cluster.url) as start:
+        yield start
+    # Finalize what the cluster clients dropped now, within this test's teardown.
+    gc.collect()
 
 
 def ws_url(node: Node) -> str:

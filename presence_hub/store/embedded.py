@@ -167,16 +167,21 @@ class EmbeddedRedis:
                 self._lock = None
 
     def _stop(self, process: subprocess.Popen[bytes] | None, *, kill: bool, timeout: float) -> None:
-        if process is None or process.poll() is not None:
+        if process is None:
             return
+        if process.poll() is None:
+            self._signal_and_wait(process, kill=kill, timeout=timeout)
+        if process.stderr:
+            process.stderr.close()
+
+    @staticmethod
+    def _signal_and_wait(process: subprocess.Popen[bytes], *, kill: bool, timeout: float) -> None:
         process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stderr:
-            process.stderr.close()
 
     def __enter__(self) -> EmbeddedRedis:
         self.start()

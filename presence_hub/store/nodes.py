@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
+from presence_hub.errors import StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.rules import SessionExpired
 from presence_hub.store import keys
@@ -40,6 +41,8 @@ class NodeRegistry:
         self.lease = lease
         self._clock = clock
         self._claim = register_script(redis, "claim_timers.lua")
+        #: Since when this node's renewals have all succeeded (None after a failure).
+        self._holding_since: float | None = None
 
     @property
     def renew_every(self) -> float:
@@ -52,13 +55,20 @@ class NodeRegistry:
     async def register(self) -> None:
         with redis_errors():
             await self.redis.zadd(NODES_KEY, {self.node: self._expiry()})
+        self._holding_since = self._clock()
 
     async def renew(self) -> bool:
         """False when another node already declared this one dead."""
-        with redis_errors():
-            changed = await self.redis.zadd(
-                NODES_KEY, {self.node: self._expiry()}, xx=True, ch=True
-            )
+        try:
+            with redis_errors():
+                changed = await self.redis.zadd(
+                    NODES_KEY, {self.node: self._expiry()}, xx=True, ch=True
+                )
+        except StoreUnavailable:
+            self._holding_since = None
+            raise
+        if self._holding_since is None:
+            self._holding_since = self._clock()
         return bool(changed)
 
     async def deregister(self) -> None:
@@ -75,8 +85,14 @@ class NodeRegistry:
             await self.redis.hdel(_sessions_key(self.node), session)  # type: ignore[misc]
 
     async def reap(self, store: PresenceStore) -> int:
-        """End the sessions of every dead node this node can claim; returns how many."""
+        """End the sessions of every dead node this node can claim; returns how many.
+
+        Only a node that has held its own lease for a whole lease judges the others:
+        after a Redis outage every lease has lapsed, and each live node must get the
+        time to renew its own before anyone takes it for dead."""
         now = self._clock()
+        if self._holding_since is None or now - self._holding_since < self.lease:
+            return 0
         expired = 0
         with redis_errors():
             dead = cast(
@@ -97,8 +113,8 @@ class NodeRegistry:
         return expired
 
     async def _forget(self, node: str) -> None:
+        # The index first: should this stop half-way, the next reap finds the node
+        # again, with nothing left to expire. (Two slots on a cluster: no transaction.)
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(NODES_KEY, node)
-                pipe.delete(_sessions_key(node))
-                await pipe.execute()
+            await self.redis.delete(_sessions_key(node))
+            await self.redis.zrem(NODES_KEY, node)

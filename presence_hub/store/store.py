@@ -422,7 +422,9 @@ class PresenceStore:
         pipe: Pipeline | ClusterPipeline
         async with self.redis.pipeline(transaction=False) as pipe:
             for script, script_keys, args in calls:
-                pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+                # Not pipe.evalsha(), which redis-py refuses in a cluster pipeline; the
+                # command itself is routed by its keys like any other.
+                pipe.execute_command("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 

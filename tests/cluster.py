@@ -1,0 +1,139 @@
+"""A real Redis Cluster of three masters on local ports, for the tests to run, stop and restart."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from presence_hub.store import EmbeddedRedis
+from presence_hub.store.embedded import free_port
+
+#: Short, so that a stopped master is noticed and a returning one accepted within seconds.
+NODE_TIMEOUT_MS = 1000
+
+
+class LocalCluster:
+    """Three masters, no replicas, made one cluster with ``redis-cli --cluster create``."""
+
+    def __init__(self, base: Path, binary: str, masters: int = 3) -> None:
+        options = (
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+        )  # fmt: skip
+        # The cluster bus port is given too: by default it is the port + 10,000, which a
+        # free port may not leave room for.
+        self.servers = [
+            EmbeddedRedis(
+                base / f"master{n}",
+                port=free_port(),
+                binary=binary,
+                extra_args=(*options, "--cluster-port", str(free_port())),
+            )
+            for n in range(masters)
+        ]
+        self.cli = str(Path(binary).with_name("redis-cli"))
+        if not Path(self.cli).exists():
+            self.cli = shutil.which("redis-cli") or self.cli
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.servers[0].port}"
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        addresses = [f"127.0.0.1:{s.port}" for s in self.servers]
+        subprocess.run(
+            [
+                self.cli,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.wait_healthy()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def restart(self, n: int, *, kill: bool = True) -> None:
+        """Stop master ``n`` (a crash when ``kill``) and start it again on its files."""
+        self.servers[n].stop(kill=kill)
+        self.servers[n].start()
+        self.wait_healthy()
+
+    def client(self, n: int) -> redis.Redis:
+        port = self.servers[n].port
+        assert port is not None
+        return redis.Redis(port=port, socket_timeout=5)
+
+    def node_id(self, n: int) -> str:
+        with self.client(n) as c:
+            return str(c.execute_command("CLUSTER", "MYID").decode())
+
+    def master_of(self, slot: int) -> int:
+        """Which of the masters serves ``slot``."""
+        with self.client(0) as c:
+            for start, end, (_, port, *_), *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(n for n, s in enumerate(self.servers) if s.port == port)
+        raise LookupError(slot)
+
+    def move_slot(self, slot: int, to: int) -> None:
+        """Migrate ``slot`` and its keys to master ``to``, as `redis-cli --cluster reshard` does."""
+        source = self.master_of(slot)
+        src_id, dst_id = self.node_id(source), self.node_id(to)
+        with self.client(source) as src, self.client(to) as dst:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while names := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command(
+                    "MIGRATE", "127.0.0.1", self.servers[to].port, "", 0, 5000, "KEYS", *names
+                )
+        for n in range(len(self.servers)):
+            with self.client(n) as c:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        self.wait_healthy()
+
+    def flush(self) -> None:
+        for n in range(len(self.servers)):
+            with self.client(n) as c:
+                c.flushall()
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Until every master says the cluster is up, with every slot served, and
+        agrees with the others on who serves which slot."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._healthy():
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Redis Cluster did not become healthy")
+            time.sleep(0.1)
+
+    def _healthy(self) -> bool:
+        views = []
+        for n in range(len(self.servers)):
+            with self.client(n) as c:
+                info = c.execute_command("CLUSTER", "INFO").decode()
+                if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
+                    return False
+                views.append(
+                    sorted((s[0], s[1], s[2][1]) for s in c.execute_command("CLUSTER", "SLOTS"))
+                )
+        return all(v == views[0] for v in views)
