@@ -34,7 +34,10 @@ _HELP = {
     "host": "address to listen on",
     "ws_port": "WebSocket port",
     "http_port": "HTTP API port",
-    "redis_url": "Redis URL (redis://, rediss://, unix://); none: start an embedded redis-server",
+    "redis_url": (
+        "Redis URL (redis://, rediss://, unix://), or any node of a Redis Cluster "
+        "(redis+cluster://host:port); none: start an embedded redis-server"
+    ),
     "data_dir": "where the embedded Redis and the generated secret live",
     "secret": "HS256 token secret; none: generate one and keep it in the data directory",
     "grace": "seconds a dropped connection stays online before it turns offline",

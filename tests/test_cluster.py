@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
+from aiohttp import ClientSession
 from redis.crc import key_slot
 
 from presence_hub.ids import TenantId, UserId
@@ -15,6 +17,7 @@ from presence_hub.server import Node
 from presence_hub.store import keys
 from tests.cluster import LocalCluster
 from tests.conftest import StartNode, make_token, ws_url
+from tests.processes import HubProcess
 from tests.utils import timeout
 from tests.wsclient import Client
 
@@ -170,3 +173,37 @@ async def test_a_moved_slot_is_followed_by_the_listeners(
     with redis_cluster.client(2) as shard:
         channel = keys.presence_channel(ACME, UserId(user))
         assert shard.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 1
+
+
+async def test_serve_takes_a_cluster_url_and_its_http_api_works_on_every_shard(
+    redis_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    hub = HubProcess(redis_cluster.url, tmp_path)
+    try:
+        await hub.ready()
+        users = one_user_per_master(redis_cluster, "h")
+        for user in users:
+            await Client.connect(hub.url, make_token(user))
+        producer = {"Authorization": f"Bearer {make_token('pbx', role='producer')}"}
+        calls = [
+            {
+                "event_id": f"e-{u}",
+                "kind": "call_started",
+                "user": u,
+                "ref": "c1",
+                "at": time.time(),
+            }
+            for u in users
+        ]
+        async with ClientSession(headers=producer) as http:
+            async with http.get(f"{hub.http_url}/readyz") as r:
+                assert r.status == 200, await r.text()
+            async with http.post(f"{hub.http_url}/v1/events", json={"events": calls}) as r:
+                assert r.status == 200, await r.text()
+                assert [x["result"] for x in (await r.json())["results"]] == ["applied"] * 3
+            async with http.get(f"{hub.http_url}/v1/presence?users={','.join(users)}") as r:
+                presences = (await r.json())["presences"]
+        assert [p["status"] for p in presences] == ["on_call"] * 3
+    finally:
+        await Client.close_all()
+        hub.stop()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,46 +16,12 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from presence_hub.store import EmbeddedRedis
-from presence_hub.store.embedded import free_port
-from tests.conftest import SECRET, StartNode, make_token, ws_url
-from tests.utils import timeout, wait_for_port
+from tests.conftest import StartNode, make_token, ws_url
+from tests.processes import LEASE, HubProcess
+from tests.utils import timeout
 from tests.wsclient import Client
 
 pytestmark = pytest.mark.slow
-
-LEASE = 3.0
-
-
-class HubProcess:
-    """``presence-hub serve`` in a child process."""
-
-    def __init__(self, redis_url: str, tmp: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
-        self.log = tmp / f"hub-{self.port}.log"
-        args = [
-            sys.executable, "-m", "presence_hub", "serve",
-            "--redis-url", redis_url, "--secret", SECRET,
-            "--ws-port", str(self.port), "--http-port", str(free_port()),
-            "--lease", str(LEASE), "--grace", "2", *extra,
-        ]  # fmt: skip
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-
-    async def ready(self) -> None:
-        await wait_for_port(self.port, self.process)
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout(15))
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture
