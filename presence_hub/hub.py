@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -263,55 +263,77 @@ class _Shard:
 
     On a single Redis there is one, with SUBSCRIBE; on a cluster one per master that
     owns a watched user, with SSUBSCRIBE, so that each update crosses only its shard.
-    Commands are written while a reader task reads replies and messages."""
+    A reader task reads replies and messages; (un)subscriptions are recorded at once
+    and written by a writer task strictly in the order they were asked for, so that a
+    channel dropped and watched again in quick succession ends subscribed."""
 
-    def __init__(self, connection: AbstractConnection, *, sharded: bool) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        *,
+        sharded: bool,
+        on_error: Callable[[BaseException], None],
+    ) -> None:
         self.connection = connection
         self.sharded = sharded
+        self._on_error = on_error
         #: The channels subscribed on it, or to subscribe once it is connected.
         self.channels: set[str] = set()
-        #: Channels asked to unsubscribe: their confirmations are expected.
-        self.leaving: set[str] = set()
+        #: Unsubscriptions sent whose confirmations have not come back yet.
+        self.leaving: Counter[str] = Counter()
         self.connected = False
         #: Set once connected and subscribed to the channels asked for so far.
         self.up = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
+        self._outbox: deque[tuple[str, list[str]]] = deque()
+        self._writer: asyncio.Task[None] | None = None
 
-    async def subscribe(self, channels: Iterable[str]) -> None:
+    def subscribe(self, channels: Iterable[str]) -> None:
         new = [c for c in channels if c not in self.channels]
         self.channels.update(new)
-        self.leaving.difference_update(new)
-        if self.connected:
-            await self._send("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", new)
+        self._queue("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", new)
 
-    async def unsubscribe(self, channels: Iterable[str]) -> None:
+    def unsubscribe(self, channels: Iterable[str]) -> None:
         gone = [c for c in channels if c in self.channels]
         self.channels.difference_update(gone)
-        self.leaving.update(gone)
         if self.connected:
-            await self._send("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", gone)
+            self.leaving.update(gone)
+        self._queue("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", gone)
 
-    async def _send(self, command: str, channels: list[str]) -> None:
+    def _queue(self, command: str, channels: list[str]) -> None:
+        # Before it connects, the subscription made on connecting covers everything.
+        if not channels or not self.connected:
+            return
+        self._outbox.append((command, channels))
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self._outbox:
+                command, channels = self._outbox.popleft()
+                for group in self._groups(channels):
+                    await self.connection.send_command(command, *group)
+        except (RedisError, OSError) as exc:
+            self._on_error(exc)
+        finally:
+            self._writer = None
+
+    def _groups(self, channels: list[str]) -> Iterable[list[str]]:
         if self.sharded:
             # One command's shard channels must share a slot: one command per partition.
             by_slot: dict[int, list[str]] = defaultdict(list)
             for channel in channels:
                 by_slot[keys.key_slot(_tag(channel))].append(channel)
-            groups: Iterable[list[str]] = by_slot.values()
-        else:
-            groups = (
-                channels[n : n + SUBSCRIBE_CHUNK] for n in range(0, len(channels), SUBSCRIBE_CHUNK)
-            )
-        for group in groups:
-            if group:
-                await self.connection.send_command(command, *group)
+            return by_slot.values()
+        return (channels[n : n + SUBSCRIBE_CHUNK] for n in range(0, len(channels), SUBSCRIBE_CHUNK))
 
     async def listen(self, dispatch: Callable[[bytes, str, Any], None]) -> None:
         """Connect, subscribe what was asked so far, then hand every reply to ``dispatch``
         until the connection fails."""
         await self.connection.connect()  # type: ignore[no-untyped-call]
         self.connected = True
-        await self._send("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", list(self.channels))
+        self._queue("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", list(self.channels))
         self.up.set()
         read = self.connection.read_response
         while True:
@@ -320,10 +342,11 @@ class _Shard:
 
     async def close(self) -> None:
         self.connected = False
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self.reader
+        for task in (self.reader, self._writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         with contextlib.suppress(Exception):
             await self.connection.disconnect()
 
@@ -421,13 +444,9 @@ class Hub:
                 self._confirmed[channel] = loop.create_future()
             waits = waits + [self._confirmed[c] for c in channels]
             if self._ready.is_set():
-                try:
-                    for shard, group in self._by_shard(channels).items():
-                        await shard.subscribe(group)
-                except (RedisError, OSError) as exc:
-                    # The listener subscribes everything again once it is back.
-                    log.warning("subscribe deferred: %s", exc)
-                    self._lost.set()
+                # Should a connection fail first, listening anew subscribes everything.
+                for shard, group in self._by_shard(channels).items():
+                    shard.subscribe(group)
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), 30)
 
@@ -439,8 +458,7 @@ class Hub:
             if fut is not None and not fut.done():
                 fut.cancel()
         for shard, group in self._by_shard(channels).items():
-            task = asyncio.ensure_future(shard.unsubscribe(group))
-            task.add_done_callback(_log_failure)
+            shard.unsubscribe(group)
 
     def _by_shard(self, channels: Iterable[str]) -> dict[_Shard, list[str]]:
         """Channels grouped by the server that serves them, starting a listening
@@ -464,7 +482,9 @@ class Hub:
         if shard is None:
             # No timeouts: a listener waits for messages as long as there are none.
             settings = {**settings, "socket_timeout": None, "health_check_interval": 0}
-            shard = self._shards[name] = _Shard(kind(**settings), sharded=self._sharded)
+            shard = self._shards[name] = _Shard(
+                kind(**settings), sharded=self._sharded, on_error=self._listener_failed
+            )
             shard.reader = asyncio.get_running_loop().create_task(self._listen(shard))
         return shard
 
@@ -472,9 +492,12 @@ class Hub:
         try:
             await shard.listen(self._dispatch_for(shard))
         except (RedisError, OSError, ValueError) as exc:
-            if self._ready.is_set():
-                log.warning("lost Redis pub/sub (%s)", exc)
-            self._lost.set()
+            self._listener_failed(exc)
+
+    def _listener_failed(self, exc: BaseException) -> None:
+        if self._ready.is_set():
+            log.warning("lost Redis pub/sub (%s)", exc)
+        self._lost.set()
 
     # --- Listening ---------------------------------------------------------------
 
@@ -516,7 +539,7 @@ class Hub:
         else:
             self._shard_for(None)  # a single Redis: listen even before anyone watches
         for shard, group in self._by_shard([*self._watchers, *self._owners]).items():
-            shard.channels.update(group)
+            shard.subscribe(group)
         lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
         shards = list(self._shards.values())
         up: asyncio.Future[Any] = asyncio.gather(*(shard.up.wait() for shard in shards))
@@ -545,12 +568,14 @@ class Hub:
                 fut = self._confirmed.pop(channel, None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
-            elif kind == b"sunsubscribe" and channel not in shard.leaving:
-                # Redis unsubscribed us itself: the channel's slot moved to another shard.
-                log.info("slot of %s moved; listening again", channel)
-                self._lost.set()
-            else:
-                shard.leaving.discard(channel)
+            elif kind == b"sunsubscribe":
+                expected = shard.leaving.pop(channel, 0)
+                if expected > 1:
+                    shard.leaving[channel] = expected - 1
+                elif not expected:
+                    # Redis unsubscribed us itself: the channel's slot moved to another shard.
+                    log.info("slot of %s moved; listening again", channel)
+                    self._lost.set()
 
         return dispatch
 

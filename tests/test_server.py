@@ -427,6 +427,31 @@ async def test_subscribe_with_known_sends_only_what_changed(start_node: StartNod
     assert [(p["user"], p["status"]) for p in resync["presences"]] == [("alice", "busy")]
 
 
+async def test_a_user_dropped_and_watched_again_at_once_stays_watched(
+    start_node: StartNode,
+) -> None:
+    """The node's last watcher leaves and a new one comes in the same instant: the
+    node's own subscription must end in place, not be undone by the late unsubscribe."""
+    node = await start_node()
+    url = ws_url(node)
+    alice = await Client.connect(url, make_token("alice"))
+    bob = await Client.connect(url, make_token("bob"))
+    carol = await Client.connect(url, make_token("carol"))
+    await bob.request({"type": "subscribe", "users": ["alice"]})
+    for _ in range(20):
+        # Bob's unsubscribe and Carol's subscribe reach the node back to back.
+        await bob.send({"type": "unsubscribe", "users": ["alice"], "id": 1})
+        await carol.send({"type": "subscribe", "users": ["alice"], "id": 1})
+        await bob.expect(lambda f: f.get("id") == 1)
+        await carol.expect(lambda f: f.get("id") == 1)
+        await carol.send({"type": "unsubscribe", "users": ["alice"], "id": 2})
+        await bob.send({"type": "subscribe", "users": ["alice"], "id": 2})
+        await carol.expect(lambda f: f.get("id") == 2)
+        await bob.expect(lambda f: f.get("id") == 2)
+    await alice.request({"type": "set_status", "status": "busy"})
+    await bob.presence("alice", status="busy")
+
+
 async def test_a_stalled_reader_is_cut_off_and_slows_nobody(start_node: StartNode) -> None:
     node = await start_node(send_timeout=1.0, rate_limit=1e6, rate_burst=10**6)
     url = ws_url(node)
