@@ -7,6 +7,7 @@
     bench/bench.py connect     10,000 clients connect and subscribe to 50 contacts each
     bench/bench.py idle        10,000 idle connections: hub memory per connection
     bench/bench.py cores       1,000 changes per second with --workers 1 and 2
+    bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
 
 Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures
@@ -39,6 +40,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from presence_hub.auth import issue_token  # noqa: E402
+from presence_hub.store import EmbeddedRedis, find_redis_server  # noqa: E402
 
 SECRET = "bench-secret-bench-secret-bench-secret"
 TENANT = "loadtest"
@@ -53,8 +55,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def hub(*extra: str) -> Iterator[tuple[str, str, list[psutil.Process]]]:
-    """A hub on free ports with its own embedded Redis; yields (ws url, http url, processes)."""
+def hub(
+    *extra: str, redis_url: str | None = None
+) -> Iterator[tuple[str, str, list[psutil.Process]]]:
+    """A hub on free ports, with its own embedded Redis unless ``redis_url`` is given;
+    yields (ws url, http url, processes)."""
     ws_port, http_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as data:
         args = [
@@ -62,6 +67,7 @@ def hub(*extra: str) -> Iterator[tuple[str, str, list[psutil.Process]]]:
             "--ws-port", str(ws_port), "--http-port", str(http_port),
             "--data-dir", data, "--secret", SECRET, "--log-level", "WARNING",
             "--rate-limit", "100000", "--rate-burst", "100000", *extra,
+            *(["--redis-url", redis_url] if redis_url else []),
         ]  # fmt: skip
         process = subprocess.Popen(args)
         try:
@@ -85,6 +91,14 @@ def hub(*extra: str) -> Iterator[tuple[str, str, list[psutil.Process]]]:
                 process.wait(60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def fanout_args(rate: float, clients: int = 5000) -> list[str]:
+    return [
+        "--clients", str(clients), "--contacts", "50", "--rate", str(rate),
+        "--mix", "message=0.8,status=0.2", "--duration", "15", "--workers", "1",
+        "--settle", "3",
+    ]  # fmt: skip
 
 
 def loadtest(ws: str, http: str, procs: list[psutil.Process], *args: str) -> dict[str, Any]:
@@ -119,15 +133,45 @@ def fanout(rates: list[float], workers: int = 1, clients: int = 5000) -> list[di
     rows = []
     for rate in rates:
         with hub("--workers", str(workers)) as (ws, http, procs):
-            report = loadtest(
-                ws, http, procs,
-                "--clients", str(clients), "--contacts", "50", "--rate", str(rate),
-                "--mix", "message=0.8,status=0.2", "--duration", "15", "--workers", "1",
-                "--settle", "3",
-            )  # fmt: skip
+            report = loadtest(ws, http, procs, *fanout_args(rate, clients))
         rows.append(summary(report))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def two_nodes(redis_url: str, rate: float = 1000) -> dict[str, Any]:
+    """The fan-out load spread over two hub processes that share ``redis_url``: each
+    client connects to one of them, in turn."""
+    with (
+        hub(redis_url=redis_url) as (ws_a, http_a, procs_a),
+        hub(redis_url=redis_url) as (ws_b, _, procs_b),
+    ):
+        report = loadtest(f"{ws_a},{ws_b}", http_a, procs_a + procs_b, *fanout_args(rate))
+    return summary(report)
+
+
+def nodes(rate: float = 250) -> dict[str, Any]:
+    """One node with its embedded Redis, two nodes on one Redis, two nodes on a
+    three-master Redis Cluster: the same load (at a rate that all three sustain on
+    two shared cores, so that the costs compare)."""
+    from tests.cluster import LocalCluster
+
+    result = {"one_node_embedded_redis": fanout([rate])[0]}
+    with (
+        tempfile.TemporaryDirectory() as data,
+        EmbeddedRedis(Path(data), port=free_port()) as single,
+    ):
+        result["two_nodes_one_redis"] = two_nodes(single.url, rate)
+        print(json.dumps(result["two_nodes_one_redis"]), flush=True)
+    with tempfile.TemporaryDirectory() as data:
+        cluster = LocalCluster(Path(data), find_redis_server())
+        try:
+            cluster.start()
+            result["two_nodes_redis_cluster"] = two_nodes(cluster.url, rate)
+            print(json.dumps(result["two_nodes_redis_cluster"]), flush=True)
+        finally:
+            cluster.stop()
+    return result
 
 
 async def ingest_http(
@@ -229,7 +273,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "scenario", choices=["fanout", "latency", "ingest", "connect", "idle", "cores"]
+        "scenario",
+        choices=["fanout", "latency", "ingest", "connect", "idle", "cores", "nodes"],
     )
     opts = parser.parse_args()
     result: Any
@@ -239,6 +284,8 @@ def main() -> None:
         result = fanout([1000])
     elif opts.scenario == "cores":
         result = {"workers_1": fanout([1000]), "workers_2": fanout([1000], workers=2)}
+    elif opts.scenario == "nodes":
+        result = nodes()
     elif opts.scenario == "ingest":
         with hub() as (ws, http, procs):
             result = {}

@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,7 @@ def serve(settings: Settings) -> None:
         if settings.workers > 1:
             _serve_workers(settings, url, secret)
         else:
-            _run(_serve(settings, url, secret))
+            asyncio.run(_serve(settings, url, secret))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -141,18 +141,7 @@ def serve(settings: Settings) -> None:
 
 def _worker(settings: Settings, url: str, secret: str) -> None:
     _configure_logging(settings)
-    _run(_serve(settings, url, secret))
-
-
-def _run(main: Coroutine[Any, Any, None]) -> None:
-    """Run the node on uvloop where it is installed: its transports write and call
-    back in C, which is most of the cost of a fan-out."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+    asyncio.run(_serve(settings, url, secret))
 
 
 def _serve_workers(settings: Settings, url: str, secret: str) -> None:
