@@ -13,8 +13,10 @@ from aiohttp import ClientSession
 from redis.crc import key_slot
 
 from presence_hub.ids import TenantId, UserId
+from presence_hub.rules import MessageSet
 from presence_hub.server import Node
-from presence_hub.store import keys
+from presence_hub.store import PresenceStore, keys
+from presence_hub.store.store import open_redis
 from tests.cluster import LocalCluster
 from tests.conftest import StartNode, make_token, ws_url
 from tests.processes import HubProcess
@@ -207,3 +209,18 @@ async def test_serve_takes_a_cluster_url_and_its_http_api_works_on_every_shard(
     finally:
         await Client.close_all()
         hub.stop()
+
+
+async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
+    redis_cluster: LocalCluster,
+) -> None:
+    """Thousands of sockets closing at once each commit their session's end."""
+    redis = open_redis(redis_cluster.url, max_connections=4)
+    store = PresenceStore(redis)
+    try:
+        users = [UserId(f"b{n}") for n in range(600)]
+        results = await asyncio.gather(*(store.apply(ACME, u, MessageSet("bye")) for u in users))
+        assert {r.result for r in results} == {"applied"}
+        assert {s.message for s in await store.load_many(ACME, users)} == {"bye"}
+    finally:
+        await redis.aclose()

@@ -17,7 +17,8 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Literal, TypeAlias, cast
@@ -82,7 +83,7 @@ def open_redis(url: str, *, max_connections: int = 128, listener: bool = False) 
     Cluster; the client learns the others and which slots each serves from it."""
     scheme, _, rest = url.partition("://")
     if scheme in CLUSTER_SCHEMES:
-        return RedisCluster.from_url(
+        return BoundedRedisCluster.from_url(
             f"{CLUSTER_SCHEMES[scheme]}://{rest}", max_connections=max_connections
         )
     options: dict[str, object] = {"max_connections": max_connections, "timeout": 30}
@@ -91,13 +92,66 @@ def open_redis(url: str, *, max_connections: int = 128, listener: bool = False) 
     return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
 
 
+#: Set while a task holds one of a BoundedRedisCluster's turns (a pipeline that
+#: retries a redirected command through the client must not wait for a second one).
+_holding_turn: ContextVar[bool] = ContextVar("holding_turn", default=False)
+
+
+class BoundedRedisCluster(RedisCluster):
+    """redis-py's cluster client fails a command with MaxConnectionsError when a
+    server's pool is used up, where BlockingConnectionPool would wait. Here at most
+    ``max_connections`` commands or pipelines run at once (each holds at most one
+    connection per server) and the others wait their turn, so that thousands of
+    sockets closing at once queue up instead of failing."""
+
+    def __init__(self, **options: Any) -> None:
+        options.setdefault("max_connections", 128)
+        super().__init__(**options)
+        self._turns = asyncio.Semaphore(options["max_connections"])
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if _holding_turn.get():
+            yield
+            return
+        async with self._turns:
+            token = _holding_turn.set(True)
+            try:
+                yield
+            finally:
+                _holding_turn.reset(token)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.turn():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            raise ValueError("shard_hint is not supported on a cluster")
+        # Abstract only in redis-py's annotations, as its own ClusterPipeline is.
+        return _BoundedClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _BoundedClusterPipeline(ClusterPipeline):
+    cluster_client: BoundedRedisCluster
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        async with self.cluster_client.turn():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
     """Turn Redis' errors into StoreUnavailable, the one the layers above handle."""
     try:
         yield
     except RedisError as exc:
-        raise StoreUnavailable(str(exc)) from exc
+        raise StoreUnavailable(_describe(exc)) from exc
+
+
+def _describe(exc: Exception) -> str:
+    """The error's message, or its kind when it has none (some of redis-py's have none)."""
+    return str(exc) or type(exc).__name__
 
 
 def lua_script(name: str) -> str:
@@ -146,7 +200,7 @@ class PresenceStore:
         try:
             _, state, _ = await self._read(tenant, user)
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(_describe(exc)) from exc
         return state
 
     async def load_many(self, tenant: TenantId, users: Sequence[UserId]) -> list[UserState]:
@@ -157,7 +211,7 @@ class PresenceStore:
                     pipe.hget(keys.state_key(tenant, user), "state")
                 blobs: list[bytes | None] = await pipe.execute()
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(_describe(exc)) from exc
         return [UserState() if b is None else decode_state(b) for b in blobs]
 
     async def views(self, tenant: TenantId, users: Sequence[UserId]) -> list[View]:
@@ -171,7 +225,7 @@ class PresenceStore:
             else:
                 frames = await self._views(keys=state_keys)
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(_describe(exc)) from exc
         return [View() if f is None else _view_from_frame(f) for f in frames]
 
     async def _views_by_partition(
@@ -207,7 +261,7 @@ class PresenceStore:
         try:
             return await self._apply(tenant, user, event, event_id, origin)
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(_describe(exc)) from exc
 
     async def _apply(
         self,
@@ -312,7 +366,7 @@ class PresenceStore:
         try:
             return await self._apply_events(tenant, batch, origin)
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(_describe(exc)) from exc
 
     async def _apply_events(
         self,
@@ -439,7 +493,7 @@ class PresenceStore:
                 [(self._claim, [bucket], args) for bucket in keys.timer_buckets()]
             )
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(_describe(exc)) from exc
         users = [
             keys.parse_member(m.decode())
             for reply in replies
@@ -449,11 +503,11 @@ class PresenceStore:
         try:
             await asyncio.gather(*(self._apply(t, u, TimerFired(), None) for t, u in users))
         except RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(_describe(exc)) from exc
         failed = next((r for r in replies if isinstance(r, Exception)), None)
         if failed is not None:
             # What could be claimed has fired; the rest waits for the shard to come back.
-            raise StoreUnavailable(str(failed))
+            raise StoreUnavailable(_describe(failed))
         return len(users)
 
     async def run_timers(self, interval: float = 0.2) -> None:
