@@ -115,6 +115,9 @@ class LightClient(asyncio.Protocol):
             pos += head + length
             if opcode == 0x2:
                 self._frame(msgpack.unpackb(payload), now)
+            elif opcode == 0x9:
+                # The hub closes a socket that misses its keepalive pings.
+                self._write(0x8A, payload)
             elif opcode == 0x8:
                 self.closed = True
         del buf[:pos]
@@ -147,16 +150,20 @@ class LightClient(asyncio.Protocol):
             self.stats.latency_times.append(now)
 
     def send(self, frame: dict[str, Any]) -> None:
+        self._write(0x82, msgpack.packb(frame))
+
+    def _write(self, first_byte: int, payload: bytes) -> None:
+        """One masked frame (a client's frames must be masked): FIN and opcode in
+        ``first_byte``."""
         assert self.transport is not None
-        payload = msgpack.packb(frame)
         mask = os.urandom(4)
         n = len(payload)
         if n < 126:
-            header = struct.pack("!BB", 0x82, 0x80 | n)
+            header = struct.pack("!BB", first_byte, 0x80 | n)
         elif n < 65536:
-            header = struct.pack("!BBH", 0x82, 0x80 | 126, n)
+            header = struct.pack("!BBH", first_byte, 0x80 | 126, n)
         else:
-            header = struct.pack("!BBQ", 0x82, 0x80 | 127, n)
+            header = struct.pack("!BBQ", first_byte, 0x80 | 127, n)
         self.transport.write(header + mask + apply_mask(payload, mask))
 
     async def request(self, frame: dict[str, Any], rid: int) -> dict[str, Any]:
@@ -198,6 +205,17 @@ class WorkerStats:
     errors: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     latency_times: list[float] = field(default_factory=list)
+
+
+async def _quiet(stats: WorkerStats, quiet: float, at_most: float) -> None:
+    """Until no update arrived for ``quiet`` seconds (a hub still working off a backlog
+    is not a hub that lost updates), or ``at_most`` seconds have passed."""
+    started = last_change = time.monotonic()
+    seen = stats.deliveries
+    while time.monotonic() - last_change < quiet and time.monotonic() - started < at_most:
+        await asyncio.sleep(min(0.25, quiet))
+        if stats.deliveries != seen:
+            seen, last_change = stats.deliveries, time.monotonic()
 
 
 async def run_worker(
@@ -312,7 +330,7 @@ async def run_worker(
     # Every worker has stopped producing before anyone reads its final views.
     progress.put(("produced", index))
     await asyncio.to_thread(args["collect"].wait)
-    await asyncio.sleep(args["settle"])
+    await _quiet(stats, args["settle"], args["settle_max"])
     # A request/reply on each socket flushes whatever the hub sent before it.
     await asyncio.gather(
         *(
@@ -453,7 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         "--max-changes", type=int, default=10_000_000, help="stop after this many changes"
     )
     parser.add_argument(
-        "--settle", type=float, default=2.0, help="seconds to wait before the final check"
+        "--settle",
+        type=float,
+        default=2.0,
+        help="before the final check, wait until no update arrived for this many seconds",
+    )
+    parser.add_argument(
+        "--settle-max", type=float, default=60.0, help="but wait at most this many seconds"
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
@@ -484,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration": opts.duration,
         "max_changes": opts.max_changes,
         "settle": opts.settle,
+        "settle_max": opts.settle_max,
         "seed": opts.seed,
         "go": go,
         "collect": collect,

@@ -20,7 +20,9 @@ LOADTEST = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
 async def test_a_short_load_run_is_complete_and_reported(
     start_node: StartNode, tmp_path: Path
 ) -> None:
-    node = await start_node(rate_limit=1000.0, rate_burst=1000)
+    # Keepalive rounds every 0.3 s: its clients must answer pings, or the hub closes them
+    # as dead and their views (and their own presence) go stale.
+    node = await start_node(rate_limit=1000.0, rate_burst=1000, keepalive=0.3)
     report, picture = tmp_path / "report.json", tmp_path / "plot.png"
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(LOADTEST),
