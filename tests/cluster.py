@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -17,28 +18,31 @@ NODE_TIMEOUT_MS = 1000
 
 
 class LocalCluster:
-    """Three masters, no replicas, made one cluster with ``redis-cli --cluster create``."""
+    """Three masters made one cluster with ``redis-cli --cluster create``; replicas
+    are added on demand."""
 
     def __init__(self, base: Path, binary: str, masters: int = 3) -> None:
-        options = (
+        self.base = base
+        self.binary = binary
+        self.options = (
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
         )  # fmt: skip
-        # The cluster bus port is given too: by default it is the port + 10,000, which a
-        # free port may not leave room for.
-        self.servers = [
-            EmbeddedRedis(
-                base / f"master{n}",
-                port=free_port(),
-                binary=binary,
-                extra_args=(*options, "--cluster-port", str(free_port())),
-            )
-            for n in range(masters)
-        ]
+        self.servers = [self._server(f"master{n}") for n in range(masters)]
         self.cli = str(Path(binary).with_name("redis-cli"))
         if not Path(self.cli).exists():
             self.cli = shutil.which("redis-cli") or self.cli
+
+    def _server(self, name: str) -> EmbeddedRedis:
+        # The cluster bus port is given too: by default it is the port + 10,000, which a
+        # free port may not leave room for.
+        return EmbeddedRedis(
+            self.base / name,
+            port=free_port(),
+            binary=self.binary,
+            extra_args=(*self.options, "--cluster-port", str(free_port())),
+        )
 
     @property
     def url(self) -> str:
@@ -73,6 +77,38 @@ class LocalCluster:
         self.servers[n].stop(kill=kill)
         self.servers[n].start()
         self.wait_healthy()
+
+    def add_replica(self, of: int) -> int:
+        """Start a replica of master ``of``; returns its index once it is in sync."""
+        server = self._server(f"replica{len(self.servers)}")
+        server.start()
+        self.servers.append(server)
+        n = len(self.servers) - 1
+        new, existing = f"127.0.0.1:{server.port}", f"127.0.0.1:{self.servers[of].port}"
+        add = [self.cli, "--cluster", "add-node", new, existing, "--cluster-slave"]
+        add += ["--cluster-master-id", self.node_id(of)]
+        subprocess.run(add, check=True, capture_output=True, timeout=60)
+        self._until(lambda: self._replication(n).get("master_link_status") == "up")
+        self.wait_healthy()
+        return n
+
+    def failover(self, replica: int) -> None:
+        """A manual failover: the replica takes its master's slots."""
+        with self.client(replica) as c:
+            c.execute_command("CLUSTER", "FAILOVER")
+        self._until(lambda: self._replication(replica).get("role") == "master")
+        self.wait_healthy()
+
+    def _replication(self, n: int) -> dict[str, object]:
+        with self.client(n) as c:
+            return dict(c.info("replication"))
+
+    def _until(self, condition: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Redis Cluster did not get there in time")
+            time.sleep(0.1)
 
     def client(self, n: int) -> redis.Redis:
         port = self.servers[n].port

@@ -135,7 +135,7 @@ async def start_node(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator
         yield start
 
 
-def _cluster_binary() -> str:
+def cluster_binary() -> str:
     """Sharded pub/sub needs Redis 7: the cluster tests need a redis-server 7 or newer."""
     for tag, binary in sorted(REDIS_BINARIES.items(), reverse=True):
         if int(tag.removeprefix("redis-").split(".")[0]) >= 7:
@@ -148,7 +148,7 @@ def _cluster_binary() -> str:
 
 @pytest.fixture(scope="session")
 def session_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), _cluster_binary())
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), cluster_binary())
     try:
         cluster.start()
         yield cluster

@@ -5,6 +5,7 @@ moved slot loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from presence_hub.server import Node
 from presence_hub.store import PresenceStore, keys
 from presence_hub.store.store import open_redis
 from tests.cluster import LocalCluster
-from tests.conftest import StartNode, make_token, ws_url
+from tests.conftest import StartNode, cluster_binary, make_token, node_starter, ws_url
 from tests.processes import HubProcess
 from tests.utils import timeout
 from tests.wsclient import Client
@@ -224,3 +225,38 @@ async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
         assert {s.message for s in await store.load_many(ACME, users)} == {"bye"}
     finally:
         await redis.aclose()
+
+
+@redis_py_drops_replaced_nodes
+async def test_a_shard_failover_is_followed_and_loses_no_manual_status(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path / "cluster", cluster_binary())
+    await asyncio.to_thread(cluster.start)
+    try:
+        async with node_starter(cluster.url) as start:
+            first, second = await start(), await start()
+            user = one_user_per_master(cluster, "f")[1]
+            bob = await Client.connect(ws_url(first), make_token("bob"))
+            await bob.request({"type": "subscribe", "users": [user]})
+            alice = await Client.connect(ws_url(second), make_token(user))
+            await alice.request({"type": "set_status", "status": "dnd"})
+            await bob.presence(user, status="dnd")
+
+            replica = await asyncio.to_thread(cluster.add_replica, 1)
+            await asyncio.to_thread(cluster.failover, replica)
+            assert cluster.master_of(slot_of(user)) == replica
+
+            for _ in range(150):
+                answer = await alice.request({"type": "set_message", "text": "after"})
+                if answer["type"] == "ok":
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                pytest.fail("the hub never wrote to the promoted replica")
+            seen = await bob.presence(user, message="after", wait=30)
+            assert seen["status"] == "dnd"
+            with cluster.client(replica) as shard:
+                channel = keys.presence_channel(ACME, UserId(user))
+                assert shard.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 1
+        gc.collect()
+    finally:
+        cluster.stop()
