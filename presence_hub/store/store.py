@@ -485,13 +485,15 @@ class PresenceStore:
     async def fire_due_timers(self, limit: int = 200) -> int:
         """Fire every due timer this node can claim; returns how many it fired.
 
-        Every partition's bucket is claimed in one pipelined round trip."""
+        Every partition's bucket is claimed in one round trip: one script call on a
+        single Redis, one per bucket, pipelined, on a cluster (whose scripts may
+        only touch one slot)."""
         now = self._clock()
         args = [repr(now), limit, repr(now + CLAIM_RETRY)]
+        buckets = keys.timer_buckets()
+        groups = [[bucket] for bucket in buckets] if self.cluster else [buckets]
         try:
-            replies = await self._run_scripts(
-                [(self._claim, [bucket], args) for bucket in keys.timer_buckets()]
-            )
+            replies = await self._run_scripts([(self._claim, group, args) for group in groups])
         except RedisError as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         users = [
