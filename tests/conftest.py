@@ -74,6 +74,14 @@ async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+@pytest.fixture(autouse=True)
+def _finalize_garbage() -> Iterator[None]:
+    """Collect each test's garbage in its own teardown, so that a resource it leaked
+    (an unclosed socket, say) fails that test, not whichever test runs next."""
+    yield
+    gc.collect()
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
