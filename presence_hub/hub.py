@@ -10,8 +10,10 @@ a task of its own once the socket drains. A slow socket delays nobody else and
 its backlog is bounded by its subscription count; one whose writes stall longer
 than ``send_timeout`` is closed with 1013.
 
-When the Redis connection drops, the node reconnects, listens again and
-re-reads the state of every watched user, so subscribers end with the truth
+On a Redis Cluster the node listens with sharded pub/sub, one connection per
+master that owns a watched user. When a listening connection drops, or a slot
+moves to another shard, the node listens again wherever the channels now are
+and re-reads the state of every watched user, so subscribers end with the truth
 whatever was published meanwhile.
 """
 
