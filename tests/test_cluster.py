@@ -52,17 +52,22 @@ def one_user_per_master(cluster: LocalCluster, prefix: str) -> list[str]:
     return [found[m] for m in range(len(cluster.servers))]
 
 
-async def two_nodes(start: StartNode) -> tuple[Node, Node]:
-    return await start(), await start()
+async def watching_across_nodes(
+    cluster: LocalCluster, start: StartNode, prefix: str
+) -> tuple[Node, list[str], Client]:
+    """Two nodes, users on master 0, 1 and 2, and Bob on the first node watching them;
+    returns the second node (where the users act), the users and Bob."""
+    first, second = await start(), await start()
+    users = one_user_per_master(cluster, prefix)
+    bob = await Client.connect(ws_url(first), make_token("bob"))
+    await bob.request({"type": "subscribe", "users": users})
+    return second, users, bob
 
 
 async def test_a_change_on_one_node_reaches_watchers_on_the_other_for_every_shard(
     redis_cluster: LocalCluster, start_cluster_node: StartNode
 ) -> None:
-    first, second = await two_nodes(start_cluster_node)
-    users = one_user_per_master(redis_cluster, "u")
-    bob = await Client.connect(ws_url(first), make_token("bob"))
-    await bob.request({"type": "subscribe", "users": users})
+    second, users, bob = await watching_across_nodes(redis_cluster, start_cluster_node, "u")
     for status, user in zip(["busy", "dnd", "away"], users, strict=True):
         client = await Client.connect(ws_url(second), make_token(user))
         await client.request({"type": "set_status", "status": status})
@@ -105,10 +110,7 @@ async def test_a_node_listens_only_on_the_shards_of_the_users_it_watches(
 async def test_timers_fire_on_every_shard(
     redis_cluster: LocalCluster, start_cluster_node: StartNode
 ) -> None:
-    first, second = await two_nodes(start_cluster_node)
-    users = one_user_per_master(redis_cluster, "t")
-    bob = await Client.connect(ws_url(first), make_token("bob"))
-    await bob.request({"type": "subscribe", "users": users})
+    second, users, bob = await watching_across_nodes(redis_cluster, start_cluster_node, "t")
     dropped = []
     for user in users:
         client = await Client.connect(ws_url(second), make_token(user))
@@ -125,10 +127,7 @@ async def test_timers_fire_on_every_shard(
 async def test_a_restarted_shard_loses_no_manual_status(
     redis_cluster: LocalCluster, start_cluster_node: StartNode
 ) -> None:
-    first, second = await two_nodes(start_cluster_node)
-    users = one_user_per_master(redis_cluster, "r")
-    bob = await Client.connect(ws_url(first), make_token("bob"))
-    await bob.request({"type": "subscribe", "users": users})
+    second, users, bob = await watching_across_nodes(redis_cluster, start_cluster_node, "r")
     clients = [await Client.connect(ws_url(second), make_token(u)) for u in users]
     for client, user in zip(clients, users, strict=True):
         assert (await client.request({"type": "set_status", "status": "dnd"}))["type"] == "ok"
@@ -155,10 +154,8 @@ async def test_a_restarted_shard_loses_no_manual_status(
 async def test_a_moved_slot_is_followed_by_the_listeners(
     redis_cluster: LocalCluster, start_cluster_node: StartNode
 ) -> None:
-    first, second = await two_nodes(start_cluster_node)
-    user = one_user_per_master(redis_cluster, "m")[0]
-    bob = await Client.connect(ws_url(first), make_token("bob"))
-    await bob.request({"type": "subscribe", "users": [user]})
+    second, users, bob = await watching_across_nodes(redis_cluster, start_cluster_node, "m")
+    user = users[0]
     alice = await Client.connect(ws_url(second), make_token(user))
     await alice.request({"type": "set_status", "status": "busy"})
     await bob.presence(user, status="busy")
