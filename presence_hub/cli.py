@@ -170,7 +170,8 @@ async def _serve(settings: Settings, url: str, secret: str) -> None:
     redis = open_redis(url)
     # The listener must see every disconnect, to resync after it: no silent retries.
     pubsub_redis = open_redis(url, max_connections=4, listener=True)
-    node = Node(settings, redis, pubsub_redis, secret)
+    lease_redis = open_redis(url, max_connections=2)
+    node = Node(settings, redis, pubsub_redis, secret, lease_redis=lease_redis)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -179,8 +180,8 @@ async def _serve(settings: Settings, url: str, secret: str) -> None:
     await stop.wait()
     log.info("shutting down")
     await node.stop()
-    await redis.aclose()
-    await pubsub_redis.aclose()
+    for client in (redis, pubsub_redis, lease_redis):
+        await client.aclose()
 
 
 def _local_token(args: argparse.Namespace, environ: dict[str, str], tenant: str, user: str) -> str:

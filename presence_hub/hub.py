@@ -59,11 +59,12 @@ class Update:
     """One published frame, encoded and framed at most once per format however many
     sockets get it: server frames are not masked, so the same bytes go to every socket."""
 
-    __slots__ = ("_framed", "map", "origin", "raw")
+    __slots__ = ("_framed", "map", "origin", "raw", "ver")
 
     def __init__(self, raw: bytes, frame: dict[str, Any], origin: float | None = None) -> None:
         self.raw = raw
         self.map = frame
+        self.ver: int = frame["ver"]
         #: When the input that caused it arrived (None for a resync).
         self.origin = origin
         self._framed: dict[Format, bytes] = {}
@@ -89,12 +90,42 @@ def _frame(opcode: Opcode, payload: bytes) -> bytes:
     return Frame(opcode, payload).serialize(mask=False)
 
 
+class Flusher:
+    """Writes what one pass of the event loop handed each socket, in one ``send()``.
+
+    A loopback ``send()`` costs the kernel more than all the Python around a
+    delivery, so a socket given several updates in one pass (a busy node reads many
+    published updates per pass) pays for one; an idle node adds one pass of delay.
+    """
+
+    __slots__ = ("_metrics", "_queued")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._queued: list[Connection] = []
+
+    def add(self, conn: Connection) -> None:
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queued.append(conn)
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        written = 0
+        for conn in queued:
+            written += conn.flush()
+        if written:
+            self._metrics.deliveries.inc(written)
+            self._metrics.sent("presence").inc(written)
+
+
 class Connection:
     """One client socket: who it is, what it watches, and what it has yet to receive.
 
-    An update for an idle socket is written at once, with no task switch; only a
-    socket whose transport is full gets a backlog, of one update per user, which
-    its writer task sends as soon as the socket drains.
+    Updates wait in ``_pending``, one per watched user (a newer one replaces an older
+    one), until the ``Flusher`` writes them all at the end of the pass, with no task
+    switch. Only a socket whose transport is full gets a writer task, which sends
+    its backlog as soon as the socket drains, or closes it if it never does.
     """
 
     # Tens of thousands of these live at once: no per-instance __dict__.
@@ -102,9 +133,11 @@ class Connection:
         "_pending",
         "_pending_self",
         "_pump",
+        "_scheduled",
         "coalesced",
         "device",
         "expiry",
+        "flusher",
         "fmt",
         "metrics",
         "ready",
@@ -128,9 +161,11 @@ class Connection:
         device: Device,
         send_timeout: float,
         metrics: Metrics,
+        flusher: Flusher,
     ) -> None:
         self.ws = ws
         self.metrics = metrics
+        self.flusher = flusher
         self.fmt: Format = fmt
         self.tenant = tenant
         self.user = user
@@ -143,6 +178,8 @@ class Connection:
         self._pending_self: Update | None = None
         #: The ver of the last Self map this socket was given.
         self.self_ver = -1
+        #: Whether the flusher or the writer task will take ``_pending``.
+        self._scheduled = False
         #: The writer of the backlog; it exists only while there is one.
         self._pump: asyncio.Task[None] | None = None
         #: Set once the welcome went out: nothing may be written before it.
@@ -151,61 +188,67 @@ class Connection:
         #: Closes the socket with 1008 when the token expires; an ``auth`` frame moves it.
         self.expiry: asyncio.TimerHandle | None = None
 
-    def _writable(self) -> bool:
-        """Whether a frame can go straight to the transport, in order."""
-        ws = self.ws
-        return (
-            self.ready
-            and not self._pending
-            and self._pending_self is None
-            and not ws.paused
-            and ws.protocol.state is State.OPEN
-        )
-
-    def offer(self, user: UserId, update: Update) -> bool:
-        """Hand the socket an update; True when it was written at once."""
-        ver = update.map["ver"]
+    def offer(self, user: UserId, update: Update) -> None:
+        """Hand the socket an update of a user it watches, unless it has a newer one."""
         known = self.watching.get(user)
-        if known is None or ver <= known:
-            return False
-        self.watching[user] = ver
-        if self._writable():
-            self.ws.transport.write(update.framed(self.fmt))
-            return True
-        if user in self._pending:
+        if known is None or update.ver <= known:
+            return
+        self.watching[user] = update.ver
+        pending = self._pending
+        if user in pending:
             self.coalesced += 1
             self.metrics.coalesced.inc()
-        self._pending[user] = update
-        self._start_pump()
-        return False
+        pending[user] = update
+        if not self._scheduled:
+            self._schedule()
 
     def offer_self(self, update: Update) -> None:
-        ver = update.map["ver"]
-        if ver <= self.self_ver:
+        if update.ver <= self.self_ver:
             return
-        self.self_ver = ver
-        if self._writable():
-            self.ws.transport.write(update.framed(self.fmt))
-            self.metrics.sent("self").inc()
-            return
+        self.self_ver = update.ver
         self._pending_self = update
-        self._start_pump()
+        if not self._scheduled:
+            self._schedule()
 
-    def start(self) -> None:
-        """The welcome is out: updates may flow."""
+    def _schedule(self) -> None:
+        if self.ready:
+            self._scheduled = True
+            self.flusher.add(self)
+
+    def flush(self) -> int:
+        """Write everything pending in one go, unless the socket is full; returns the
+        number of presence updates written."""
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            return 0
+        if ws.paused:
+            self._pump = asyncio.get_running_loop().create_task(self._write_backlog())
+            return 0
+        self._scheduled = False
+        own, self._pending_self = self._pending_self, None
+        batch, self._pending = self._pending, {}
+        fmt = self.fmt
+        frames = [update.framed(fmt) for update in batch.values()]
+        if own is not None:
+            frames.append(own.framed(fmt))
+            self.metrics.sent("self").inc()
+        ws.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        return len(batch)
+
+    def start(self, welcomed_ver: int) -> None:
+        """The welcome is out, with the user's Self map at ``welcomed_ver``: updates may
+        flow, except a Self update that the welcome already carried."""
         self.ready = True
+        if self._pending_self is not None and self._pending_self.ver <= welcomed_ver:
+            self._pending_self = None
         if self._pending or self._pending_self is not None:
-            self._start_pump()
+            self._schedule()
 
     def stop(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
         if self.expiry is not None:
             self.expiry.cancel()
-
-    def _start_pump(self) -> None:
-        if self.ready and self._pump is None:
-            self._pump = asyncio.get_running_loop().create_task(self._write_backlog())
 
     async def send(self, frame: dict[str, Any]) -> None:
         self.metrics.sent(frame["type"]).inc()
@@ -242,6 +285,7 @@ class Connection:
             self.ws.transport.abort()
         finally:
             self._pump = None
+            self._scheduled = False
 
     async def _write(self, framed: bytes, kind: str) -> None:
         if self.ws.protocol.state is not State.OPEN:
@@ -372,6 +416,7 @@ class Hub:
         self._lost = asyncio.Event()
         self._ready = asyncio.Event()
         self.connections: set[Connection] = set()
+        self.flusher = Flusher(metrics)
 
     @property
     def subscriptions(self) -> int:
@@ -587,15 +632,11 @@ class Hub:
             if watchers:
                 update = Update.published(data)
                 user = UserId(update.map["user"])
-                written = 0
                 for conn in watchers:
-                    written += conn.offer(user, update)
-                if written:
-                    # Written to every idle socket at once: one observation for them all.
-                    self.metrics.deliveries.inc(written)
-                    self.metrics.sent("presence").inc(written)
-                    if update.origin is not None:
-                        self.metrics.update_latency.observe(time.time() - update.origin)
+                    conn.offer(user, update)
+                # Written to most sockets within this pass: one observation for them all.
+                if update.origin is not None:
+                    self.metrics.update_latency.observe(time.time() - update.origin)
         elif channel.endswith(":s"):
             owners = self._owners.get(channel)
             if owners:

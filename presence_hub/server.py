@@ -146,14 +146,21 @@ class Node:
     """A hub node: serve() until stop(); any number of nodes may share one Redis."""
 
     def __init__(
-        self, settings: Settings, redis: RedisClient, pubsub_redis: RedisClient, secret: str
+        self,
+        settings: Settings,
+        redis: RedisClient,
+        pubsub_redis: RedisClient,
+        secret: str,
+        *,
+        lease_redis: RedisClient | None = None,
     ) -> None:
+        """``lease_redis``, when given, carries the node's lease renewals."""
         self.settings = settings
         self.secret = secret
         self.id = uuid.uuid4().hex[:12]
         self.metrics = Metrics()
         self.store = PresenceStore(redis)
-        self.registry = NodeRegistry(redis, self.id, settings.lease)
+        self.registry = NodeRegistry(redis, self.id, settings.lease, lease_redis=lease_redis)
         self.hub = Hub(self.store, pubsub_redis, self.metrics)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()
@@ -317,6 +324,7 @@ class Node:
             device=admission.device,
             send_timeout=self.settings.send_timeout,
             metrics=self.metrics,
+            flusher=self.hub.flusher,
         )
         try:
             await self.hub.join(conn)
@@ -351,7 +359,7 @@ class Node:
         )
         self.metrics.sessions_opened.labels(conn.device).inc()
         self.metrics.connections.labels(conn.device).inc()
-        conn.start()
+        conn.start(own.ver)
         self._expire_at(conn, claims.expires_at)
         try:
             await self._serve(conn, claims)

@@ -34,9 +34,13 @@ class NodeRegistry:
         node: str,
         lease: float,
         *,
+        lease_redis: RedisClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
+        #: Renewals go through their own connections when given: under overload they
+        #: must not queue behind thousands of commits and arrive after the lease ran out.
+        self._lease_redis = lease_redis or redis
         self.node = node
         self.lease = lease
         self._clock = clock
@@ -54,14 +58,14 @@ class NodeRegistry:
 
     async def register(self) -> None:
         with redis_errors():
-            await self.redis.zadd(NODES_KEY, {self.node: self._expiry()})
+            await self._lease_redis.zadd(NODES_KEY, {self.node: self._expiry()})
         self._holding_since = self._clock()
 
     async def renew(self) -> bool:
         """False when another node already declared this one dead."""
         try:
             with redis_errors():
-                changed = await self.redis.zadd(
+                changed = await self._lease_redis.zadd(
                     NODES_KEY, {self.node: self._expiry()}, xx=True, ch=True
                 )
         except StoreUnavailable:
@@ -101,6 +105,10 @@ class NodeRegistry:
             )
             for raw in dead:
                 node = raw.decode()
+                if node == self.node:
+                    # Its own lease lapsed (a renewal late under load) and nobody took
+                    # it: the claim has just renewed it, and it is alive.
+                    continue
                 index = _sessions_key(node)
                 sessions = cast("dict[bytes, bytes]", await self.redis.hgetall(index))  # type: ignore[misc]
                 for raw_session, member in sessions.items():
