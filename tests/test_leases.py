@@ -34,7 +34,7 @@ async def test_renewals_do_not_wait_for_a_busy_pool(redis_server: EmbeddedRedis)
     busy = Redis.from_pool(BlockingConnectionPool.from_url(redis_server.url, max_connections=1))
     lease = Redis.from_url(redis_server.url)
     registry = NodeRegistry(busy, "node-a", 30.0, lease_redis=lease)
-    held = await busy.connection_pool.get_connection()
+    held = await busy.connection_pool.get_connection()  # type: ignore[no-untyped-call]
     try:
         await asyncio.wait_for(registry.register(), 10)
         assert await asyncio.wait_for(registry.renew(), 10)
