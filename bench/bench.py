@@ -8,6 +8,7 @@
     bench/bench.py idle        10,000 idle connections: hub memory per connection
     bench/bench.py cores       1,000 changes per second with --workers 1 and 2
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
+    bench/bench.py floor       the kernel's CPU cost of one loopback send(), without any hub
 
 Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures
@@ -268,13 +269,56 @@ def idle(count: int = 10000) -> dict[str, Any]:
         }
 
 
+def send_floor(sockets: int = 5000, rounds: int = 20, frame: int = 150) -> dict[str, Any]:
+    """What one small loopback ``send()`` costs this machine in CPU (user + system),
+    with no hub and no Python beyond the loop: a floor under any fan-out that writes
+    each delivery with a system call of its own. Also per frame when 4 frames share
+    one ``send()``. The receiving ends are drained between rounds, outside the timing."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(sockets)
+        port = listener.getsockname()[1]
+        pairs = []
+        for _ in range(sockets):
+            client = socket.create_connection(("127.0.0.1", port))
+            server, _ = listener.accept()
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pairs.append((server, client))
+    data = b"\x82" + bytes([frame - 2]) + b"x" * (frame - 2)
+
+    def cpu_per_send(payload: bytes) -> float:
+        spent = 0.0
+        for _ in range(rounds):
+            before = time.process_time()
+            for server, _ in pairs:
+                server.send(payload)
+            spent += time.process_time() - before
+            for _, client in pairs:
+                client.recv(65536)
+        return spent / (rounds * sockets) * 1e6
+
+    try:
+        one = cpu_per_send(data)
+        four = cpu_per_send(data * 4) / 4
+    finally:
+        for server, client in pairs:
+            server.close()
+            client.close()
+    return {
+        "sockets": sockets,
+        "frame_bytes": frame,
+        "cpu_us_per_send_one_frame": round(one, 2),
+        "cpu_us_per_frame_four_frames_per_send": round(four, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "scenario",
-        choices=["fanout", "latency", "ingest", "connect", "idle", "cores", "nodes"],
+        choices=["fanout", "latency", "ingest", "connect", "idle", "cores", "nodes", "floor"],
     )
     opts = parser.parse_args()
     result: Any
@@ -286,6 +330,8 @@ def main() -> None:
         result = {"workers_1": fanout([1000]), "workers_2": fanout([1000], workers=2)}
     elif opts.scenario == "nodes":
         result = nodes()
+    elif opts.scenario == "floor":
+        result = send_floor()
     elif opts.scenario == "ingest":
         with hub() as (ws, http, procs):
             result = {}

@@ -87,7 +87,7 @@ async def post_events(request: web.Request) -> web.Response:
     events = body["events"]
     if len(events) > MAX_EVENTS:
         return _error(413, f"at most {MAX_EVENTS} events in a request")
-    with node.metrics.store_seconds.labels("events").time():
+    with node.metrics.store_op("events").time():
         results = await apply_events(
             node.store, claims.tenant, events, origin=arrived, metrics=node.metrics
         )

@@ -13,6 +13,7 @@ class Metrics:
     def __init__(self) -> None:
         self._sent: dict[str, Counter] = {}
         self._received: dict[str, Counter] = {}
+        self._store_ops: dict[str, Histogram] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge(
@@ -82,6 +83,13 @@ class Metrics:
         child = self._received.get(kind)
         if child is None:
             child = self._received[kind] = self.frames_in.labels(kind)
+        return child
+
+    def store_op(self, op: str) -> Histogram:
+        """The store_seconds histogram of one operation (cached: every change uses one)."""
+        child = self._store_ops.get(op)
+        if child is None:
+            child = self._store_ops[op] = self.store_seconds.labels(op)
         return child
 
     def exposition(self) -> bytes:

@@ -107,7 +107,7 @@ class _EventBatcher:
                 batch, self.queue = self.queue, []
                 self.room.set()
                 try:
-                    with node.metrics.store_seconds.labels("events").time():
+                    with node.metrics.store_op("events").time():
                         results = await apply_events(
                             node.store,
                             conn.tenant,
@@ -470,7 +470,7 @@ class Node:
         s = self.settings
 
         async def apply(tenant: TenantId, user: UserId, change: rules.Input) -> None:
-            with self.metrics.store_seconds.labels("apply").time():
+            with self.metrics.store_op("apply").time():
                 await self.store.apply(tenant, user, change, origin=arrived)
 
         match request:
@@ -529,7 +529,7 @@ class Node:
         self, conn: Connection, users: list[UserId], known: dict[UserId, int]
     ) -> list[dict[str, Any]]:
         unique = list(dict.fromkeys(users))
-        with self.metrics.store_seconds.labels("views").time():
+        with self.metrics.store_op("views").time():
             views = await self.store.views(conn.tenant, unique)
         presences = []
         for user, view in zip(unique, views, strict=True):

@@ -13,7 +13,9 @@ import msgpack
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 from redis.crc import key_slot
+from redis.exceptions import DataError
 
 from presence_hub.errors import EmbeddedRedisError, StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
@@ -29,6 +31,7 @@ from presence_hub.rules import (
     View,
 )
 from presence_hub.store import EVENT_TTL, EmbeddedRedis, PresenceStore, keys
+from presence_hub.store.store import open_redis
 from tests.utils import Clock, timeout
 
 ACME = TenantId("acme")
@@ -330,3 +333,24 @@ def test_a_channel_names_its_user() -> None:
     user = UserId("alice.smith+ops@example.com")
     assert keys.channel_member(keys.presence_channel(ACME, user)) == (ACME, user)
     assert keys.channel_member(keys.self_channel(ACME, user)) == (ACME, user)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379", "unix:///tmp/redis.sock"])
+async def test_commands_are_packed_in_c_exactly_as_redis_py_packs_them(url: str) -> None:
+    client = cast(Redis, open_redis(url))
+    fast = client.connection_pool.connection_class()
+    assert type(fast).pack_command is not Connection.pack_command
+    commands: list[tuple[Any, ...]] = [
+        ("SCRIPT LOAD", "return 1"),
+        (b"CLIENT SETNAME", b"hub"),
+        ("EVALSHA", "a" * 40, 1, "ph:{p1f}:acme:é", 1795666777.809494, 0.1 + 0.2, -3, b"\x00\xff"),
+        ("SET", "k", 12345678901234567890),
+    ]
+    for command in commands:
+        assert b"".join(fast.pack_command(*command)) == b"".join(
+            Connection().pack_command(*command)
+        )
+    # What redis-py refuses, it still refuses, naming the argument.
+    with pytest.raises(DataError, match="bool"):
+        fast.pack_command("SET", "k", True)
+    await client.aclose()

@@ -23,10 +23,17 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Literal, TypeAlias, cast
 
+import hiredis
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -89,7 +96,48 @@ def open_redis(url: str, *, max_connections: int = 128, listener: bool = False) 
     options: dict[str, object] = {"max_connections": max_connections, "timeout": 30}
     if listener:
         options["retry"] = Retry(NoBackoff(), 0)
-    return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
+    pool = BlockingConnectionPool.from_url(url, **options)
+    pool.connection_class = _packing_in_c(pool.connection_class)
+    return Redis.from_pool(pool)
+
+
+class _PacksInC(AbstractConnection):
+    """Packs commands with hiredis' C packer, as redis-py's synchronous client does;
+    its asyncio client packs them in Python, at several microseconds a command."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            # redis-py's own packer names the argument it cannot send (a DataError).
+            return super().pack_command(*args)
+
+
+class _PackingConnection(_PacksInC, Connection):
+    pass
+
+
+class _PackingUnixConnection(_PacksInC, UnixDomainSocketConnection):
+    pass
+
+
+class _PackingSSLConnection(_PacksInC, SSLConnection):
+    pass
+
+
+_PACKING: Final[dict[type[AbstractConnection], type[AbstractConnection]]] = {
+    Connection: _PackingConnection,
+    UnixDomainSocketConnection: _PackingUnixConnection,
+    SSLConnection: _PackingSSLConnection,
+}
+
+
+def _packing_in_c(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    return _PACKING.get(cls, cls)
 
 
 #: Set while a task holds one of a BoundedRedisCluster's turns (a pipeline that
@@ -108,6 +156,12 @@ class BoundedRedisCluster(RedisCluster):
         options.setdefault("max_connections", 128)
         super().__init__(**options)
         self._turns = asyncio.Semaphore(options["max_connections"])
+        # The nodes learnt later are made from these arguments (the dict is shared with
+        # the nodes manager); the startup nodes exist already.
+        kwargs = self.connection_kwargs
+        kwargs["connection_class"] = _packing_in_c(kwargs["connection_class"])
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = cast("type[Connection]", _packing_in_c(node.connection_class))
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -241,6 +295,7 @@ class PresenceStore:
         self._commit = register_script(redis, "commit.lua")
         self._claim = register_script(redis, "claim_timers.lua")
         self._views = register_script(redis, "views.lua")
+        self._read_many = register_script(redis, "read.lua")
         self._batched = _ScriptBatcher(self._run_scripts)
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
@@ -406,7 +461,7 @@ class PresenceStore:
     ) -> list[EventResult]:
         """Apply a batch of producer events (user, input, event id), each user's in order.
 
-        One pipelined round trip reads every user and event id, the rules fold each
+        One script call reads every user and event id, the rules fold each
         user's events together, and a second round trip commits every user. A user
         whose commit meets another writer falls back to one transition per event.
         Observers get one update per user with the final state (coalesced)."""
@@ -425,13 +480,7 @@ class PresenceStore:
         for n, (user, _, _) in enumerate(batch):
             by_user.setdefault(user, []).append(n)
         event_keys = [keys.event_key(tenant, user, eid) for user, _, eid in batch]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for user in by_user:
-                pipe.hmget(keys.state_key(tenant, user), ["rev", "state"])
-            for key in event_keys:
-                pipe.exists(key)
-            replies = await pipe.execute()
-        reads, seen = replies[: len(by_user)], replies[len(by_user) :]
+        reads, seen = await self._read_batch(tenant, by_user, event_keys)
 
         now = self._clock()
         sent_at = now if origin is None else origin
@@ -439,7 +488,7 @@ class PresenceStore:
         commits: list[tuple[UserId, list[int], UserState, tuple[list[str], list[Any]]]] = []
         for (user, indices), (raw_rev, blob) in zip(by_user.items(), reads, strict=True):
             rev = 0 if raw_rev is None or blob is None else int(raw_rev)
-            state = UserState() if rev == 0 else decode_state(blob)
+            state = UserState() if blob is None or rev == 0 else decode_state(blob)
             folded, outcome, view, own, fresh = state, None, None, None, []
             ids: set[str] = set()
             for n in indices:
@@ -478,6 +527,34 @@ class PresenceStore:
                 applied = await self._apply(tenant, user, batch[n][1], batch[n][2], origin)
                 results[n] = applied.result
         return results
+
+    async def _read_batch(
+        self, tenant: TenantId, by_user: dict[UserId, list[int]], event_keys: list[str]
+    ) -> tuple[list[tuple[bytes | None, bytes | None]], list[bool]]:
+        """Each user's revision and state blob, and whether each event key was seen: one
+        script call, or one per partition on a cluster (a script's keys share a slot)."""
+        groups: dict[int, list[UserId]] = {}
+        for user in by_user:
+            groups.setdefault(keys.partition(tenant, user) if self.cluster else 0, []).append(user)
+        events = [[n for user in users for n in by_user[user]] for users in groups.values()]
+        calls: list[ScriptCall] = [
+            (
+                self._read_many,
+                [keys.state_key(tenant, u) for u in users] + [event_keys[n] for n in group],
+                [len(users)],
+            )
+            for users, group in zip(groups.values(), events, strict=True)
+        ]
+        states: dict[UserId, tuple[bytes | None, bytes | None]] = {}
+        seen = [False] * len(event_keys)
+        replies = await self._run_scripts(calls)
+        for users, group, reply in zip(groups.values(), events, replies, strict=True):
+            values = _raise_error(reply)
+            for i, user in enumerate(users):
+                states[user] = (values[2 * i], values[2 * i + 1])
+            for n, flag in zip(group, values[2 * len(users) :], strict=True):
+                seen[n] = bool(flag)
+        return [states[user] for user in by_user], seen
 
     def _remember(self, state_key: str, rev: int, state: UserState) -> None:
         cache = self._cache
