@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,6 +176,27 @@ def nodes(rate: float = 250) -> dict[str, Any]:
     return result
 
 
+class Calls:
+    """A producer's events: calls (or meetings) that start on random users of 10,000 and
+    end on the user they started on, about 1,000 at a time in progress."""
+
+    def __init__(self, kind: str, in_progress: int = 1000) -> None:
+        self.kind = kind
+        self.in_progress = in_progress
+        self.open: deque[tuple[str, str]] = deque()
+        self.rng = random.Random()
+
+    def next(self, event_id: str) -> dict[str, Any]:
+        if len(self.open) >= self.in_progress:
+            user, ref = self.open.popleft()
+            kind = f"{self.kind}_ended"
+        else:
+            user, ref = f"u{self.rng.randrange(10000)}", event_id
+            self.open.append((user, ref))
+            kind = f"{self.kind}_started"
+        return {"event_id": event_id, "kind": kind, "user": user, "ref": ref, "at": time.time()}
+
+
 async def ingest_http(
     http: str, seconds: float = 10, batch: int = 1000, parallel: int = 4
 ) -> float:
@@ -185,22 +207,9 @@ async def ingest_http(
 
     async def one(session: aiohttp.ClientSession) -> None:
         nonlocal accepted
-        rng = random.Random()
+        calls = Calls("call")
         while time.time() < deadline:
-            events = []
-            for _ in range(batch):
-                n = next(counter)
-                user = f"u{rng.randrange(10000)}"
-                kind = "call_started" if n % 2 == 0 else "call_ended"
-                events.append(
-                    {
-                        "event_id": f"h{n}",
-                        "kind": kind,
-                        "user": user,
-                        "ref": f"c{n // 2}",
-                        "at": time.time(),
-                    }
-                )
+            events = [calls.next(f"h{next(counter)}") for _ in range(batch)]
             async with session.post(f"{http}/v1/events", json={"events": events}) as r:
                 results = (await r.json())["results"]
                 accepted += sum(x["result"] != "rejected" for x in results)
@@ -229,18 +238,11 @@ async def ingest_ws(
         ) as ws:
             await ws.recv()  # welcome
             sent = received = 0
-            rng = random.Random(k)
+            meetings = Calls("meeting")
             while time.time() < deadline or received < sent:
                 while sent - received < window and time.time() < deadline:
                     sent += 1
-                    kind = "meeting_started" if sent % 2 else "meeting_ended"
-                    event = {
-                        "event_id": f"w{k}-{sent}",
-                        "kind": kind,
-                        "user": f"u{rng.randrange(10000)}",
-                        "ref": f"m{k}-{(sent + 1) // 2}",
-                        "at": time.time(),
-                    }
+                    event = meetings.next(f"w{k}-{sent}")
                     await ws.send(msgpack.packb({"type": "event", "id": sent, "event": event}))
                 frame = msgpack.unpackb(await ws.recv())
                 if frame.get("type") == "ok":
