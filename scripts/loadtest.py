@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -386,6 +387,11 @@ async def _post(
 
 
 def worker_main(args: dict[str, Any], index: int, progress: Any, results: Any) -> None:
+    # Thousands of clients are a million long-lived objects: with CPython's default
+    # thresholds, full collections stall the worker for 100 ms and more, and the
+    # latencies it measures with them (the hub tunes its collector the same way).
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     graph = json.loads(Path(args["graph"]).read_text()) if args["graph"] else None
     results.put((index, asyncio.run(run_worker(args, graph, index, progress))))
 
@@ -433,6 +439,39 @@ async def hub_truth(http_url: str, token: str, users: list[str]) -> dict[str, li
                 for p in (await r.json())["presences"]:
                     truth[p["user"]] = [p["ver"], p["status"], p["message"]]
     return truth
+
+
+async def hub_latency_buckets(http_url: str) -> dict[float, float]:
+    """The hub's own update latency histogram (arrival of the input to the write to the
+    sockets), as cumulative counts by upper bound; empty when /metrics does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if not http_url:
+        return {}
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{http_url}/metrics") as r:
+            text = await r.text()
+    except aiohttp.ClientError:
+        return {}
+    return {
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "presence_hub_update_latency_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_bucket")
+    }
+
+
+def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """Upper bounds (ms) of the histogram buckets holding p50, p95 and p99 of what the hub
+    observed between two scrapes; None where that is beyond the last bucket."""
+    counts = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = counts[-1][1] if counts else 0.0
+    result: dict[str, Any] = {"updates": int(total)}
+    for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        bound = next((le for le, count in counts if total and count >= q * total), None)
+        result[name] = None if bound is None or bound == float("inf") else bound * 1000
+    return result
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -535,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     connect_cpu = cpu_seconds(hub) - cpu_at_start
     bar.close()
 
+    hub_latency_before = asyncio.run(hub_latency_buckets(shared["http_url"]))
     cpu_before, load_started = cpu_seconds(hub), time.time()
     go.set()
     expected = int(min(opts.rate * opts.duration, opts.max_changes))
@@ -564,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = time.time() - load_started
     cpu_used = cpu_seconds(hub) - cpu_before
     memory = rss_bytes(hub)
+    hub_latency = bucket_quantiles(
+        hub_latency_before, asyncio.run(hub_latency_buckets(shared["http_url"]))
+    )
 
     merged = list(reports.values())
     deliveries = sum(r["deliveries"] for r in merged)
@@ -609,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
             "max": round(max(latencies, default=float("nan")) * 1000, 2),
             "samples": len(latencies),
         },
+        # The same latency as the hub sees it, without the load generator's share (one
+        # process's /metrics when the hub runs several): the bucket each quantile is in.
+        "hub_latency_ms_at_most": hub_latency,
         "contact_views_checked": checked,
         "contact_views_stale": stale,
         "hub_processes": len(hub),
