@@ -93,30 +93,51 @@ def _frame(opcode: Opcode, payload: bytes) -> bytes:
 class Flusher:
     """Writes what one pass of the event loop handed each socket, in one ``send()``.
 
-    A loopback ``send()`` costs the kernel more than all the Python around a
-    delivery, so a socket given several updates in one pass (a busy node reads many
-    published updates per pass) pays for one; an idle node adds one pass of delay.
+    The ``send()`` is the largest single cost of a delivery (``bench/bench.py floor``),
+    so a socket given several updates in one pass (a busy node reads many published
+    updates per pass) pays for one; an idle node adds one pass of delay.
     """
 
-    __slots__ = ("_metrics", "_queued")
+    __slots__ = ("_due", "_metrics", "_origins", "_queued")
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._queued: list[Connection] = []
+        #: When the inputs behind this pass's updates arrived, for the latency metric.
+        self._origins: list[float] = []
+        self._due = False
 
     def add(self, conn: Connection) -> None:
-        if not self._queued:
-            asyncio.get_running_loop().call_soon(self._flush)
         self._queued.append(conn)
+        self._schedule()
+
+    def arrived(self, origin: float) -> None:
+        """An update whose input arrived at ``origin`` is being handed out in this pass."""
+        self._origins.append(origin)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._due:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        self._due = False
         queued, self._queued = self._queued, []
+        origins, self._origins = self._origins, []
         written = 0
         for conn in queued:
-            written += conn.flush()
+            try:
+                written += conn.flush()
+            except Exception:  # one broken socket must not hold up the others
+                log.exception("writing to %s/%s failed", conn.tenant, conn.user)
         if written:
             self._metrics.deliveries.inc(written)
             self._metrics.sent("presence").inc(written)
+        # One observation per update, not per socket: they were all written just now.
+        now = time.time()
+        for origin in origins:
+            self._metrics.update_latency.observe(now - origin)
 
 
 class Connection:
@@ -634,9 +655,8 @@ class Hub:
                 user = UserId(update.map["user"])
                 for conn in watchers:
                     conn.offer(user, update)
-                # Written to most sockets within this pass: one observation for them all.
                 if update.origin is not None:
-                    self.metrics.update_latency.observe(time.time() - update.origin)
+                    self.flusher.arrived(update.origin)
         elif channel.endswith(":s"):
             owners = self._owners.get(channel)
             if owners:

@@ -42,4 +42,8 @@ async def test_a_short_load_run_is_complete_and_reported(
     assert result["changes_sent"] >= 100
     assert result["deliveries"] > 0
     assert result["latency_ms"]["samples"] > 0
+    # And the hub's own view of that latency, read from its /metrics.
+    hub_latency = result["hub_latency_ms_at_most"]
+    assert hub_latency["updates"] > 0
+    assert hub_latency["p50"] <= hub_latency["p99"]
     assert picture.stat().st_size > 0

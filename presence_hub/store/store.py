@@ -244,18 +244,16 @@ class _ScriptBatcher:
         """The call's reply, or its error, once the batch it joined is answered."""
         loop = asyncio.get_running_loop()
         if not self._queued:
-            loop.call_soon(self._send)
+            # A new task first runs in the next pass: every call of this pass joins it.
+            task = loop.create_task(self._send_batch())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((call, future))
         return future
 
-    def _send(self) -> None:
+    async def _send_batch(self) -> None:
         queued, self._queued = self._queued, []
-        task = asyncio.get_running_loop().create_task(self._send_batch(queued))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send_batch(self, queued: list[tuple[ScriptCall, asyncio.Future[Any]]]) -> None:
         try:
             replies = await self._run([call for call, _ in queued])
         except asyncio.CancelledError:
