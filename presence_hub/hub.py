@@ -275,6 +275,20 @@ class Connection:
         self.metrics.sent(frame["type"]).inc()
         await self.ws.send(codec.encode(frame, self.fmt))
 
+    async def send_all(self, frames: list[dict[str, Any]]) -> None:
+        """Several frames in one write, in order (a producer's replies to a batch of
+        events: one ``send()`` instead of one per reply)."""
+        if self.ws.protocol.state is not State.OPEN:
+            raise ConnectionClosed(None, None)
+        if self.fmt == "msgpack":
+            data = [_frame(Opcode.BINARY, msgpack.packb(f)) for f in frames]
+        else:
+            data = [_frame(Opcode.TEXT, str(codec.encode(f, "json")).encode()) for f in frames]
+        self.ws.transport.write(b"".join(data))
+        for frame in frames:
+            self.metrics.sent(frame["type"]).inc()
+        await asyncio.wait_for(self.ws.drain(), self.send_timeout)
+
     async def _write_backlog(self) -> None:
         """Write the backlog as the socket drains; close the socket if it stalls."""
         try:
@@ -299,14 +313,18 @@ class Connection:
         except ConnectionClosed:
             pass
         except TimeoutError:
-            log.info("closing %s/%s: fell too far behind", self.tenant, self.user)
-            self.metrics.slow_consumer_closes.inc()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(1013, "fell too far behind"), 5)
-            self.ws.transport.abort()
+            await self.close_stalled()
         finally:
             self._pump = None
             self._scheduled = False
+
+    async def close_stalled(self) -> None:
+        """Close a socket whose peer stopped reading for ``send_timeout`` seconds."""
+        log.info("closing %s/%s: fell too far behind", self.tenant, self.user)
+        self.metrics.slow_consumer_closes.inc()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(1013, "fell too far behind"), 5)
+        self.ws.transport.abort()
 
     async def _write(self, framed: bytes, kind: str) -> None:
         if self.ws.protocol.state is not State.OPEN:

@@ -130,12 +130,15 @@ class _EventBatcher:
                     replies = [
                         codec.error_frame("internal", "internal error", rid) for rid, _, _ in batch
                     ]
-                for reply in replies:
-                    await conn.send(reply)
+                await conn.send_all(replies)
         except ConnectionClosed:
             pass
+        except TimeoutError:
+            await conn.close_stalled()
         finally:
             self.flusher = None
+            # A reader waiting for room must not wait for a flusher that is gone.
+            self.room.set()
 
     def stop(self) -> None:
         if self.flusher is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from presence_hub.store import keys
 from presence_hub.store.nodes import NODES_KEY
 from tests.conftest import SECRET, StartNode, make_token, ws_url
 from tests.utils import eventually
-from tests.wsclient import Client, stalled_client
+from tests.wsclient import Client, send_masked, stalled_client
 
 FORMATS = ["json", "msgpack"]
 
@@ -489,6 +490,26 @@ async def test_the_stalled_reader_backlog_is_one_update_per_user(start_node: Sta
     assert len(conn._pending) <= 1
     assert conn.coalesced > 1000
     stalled.transport.abort()
+
+
+async def test_a_producer_that_stops_reading_its_replies_is_cut_off(
+    start_node: StartNode,
+) -> None:
+    node = await start_node(send_timeout=1.0, rate_limit=1e6, rate_burst=10**6)
+    producer = await stalled_client(ws_url(node), make_token("calls", role="producer"))
+    bob = await Client.connect(ws_url(node), make_token("bob"))
+    for n in range(50_000):
+        event = {"event_id": f"e{n}", "kind": "call_started", "user": f"u{n % 50}", "ref": f"c{n}"}
+        send_masked(producer, {"type": "event", "id": n, "event": event})
+        if n % 500 == 0:
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(producer.drain(), 5)
+            if all(c.user != "calls" for c in node.hub.connections):
+                break
+    await eventually(lambda: all(c.user != "calls" for c in node.hub.connections), wait=30)
+    # Nobody else noticed.
+    assert (await bob.request({"type": "query", "users": ["u1"]}))["type"] == "snapshot"
+    producer.transport.abort()
 
 
 def test_secret_is_shared_by_the_fixtures() -> None:

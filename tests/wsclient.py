@@ -134,8 +134,11 @@ class Client:
             await client.ws.wait_closed()
 
 
-async def stalled_client(url: str, token: str, users: list[str]) -> asyncio.StreamWriter:
-    """A client that subscribes to ``users`` and then never reads another byte."""
+async def stalled_client(
+    url: str, token: str, users: list[str] | None = None
+) -> asyncio.StreamWriter:
+    """A client that subscribes to ``users`` (if any) and then never reads another byte;
+    it can still write frames with ``send_masked``."""
     host, _, port = url.removeprefix("ws://").split("/")[0].partition(":")
     reader, writer = await asyncio.open_connection(host, int(port), limit=1024)
     sock = writer.get_extra_info("socket")
@@ -152,7 +155,12 @@ async def stalled_client(url: str, token: str, users: list[str]) -> asyncio.Stre
         ).encode()
     )
     await reader.readuntil(b"\r\n\r\n")
-    subscribe = json.dumps({"type": "subscribe", "id": 1, "users": users}).encode()
-    writer.write(WireFrame(Opcode.TEXT, subscribe).serialize(mask=True))
+    if users is not None:
+        send_masked(writer, {"type": "subscribe", "id": 1, "users": users})
     await writer.drain()
     return writer
+
+
+def send_masked(writer: asyncio.StreamWriter, frame: dict[str, Any]) -> None:
+    """A client's JSON frame, masked as the protocol wants, on a raw socket."""
+    writer.write(WireFrame(Opcode.TEXT, json.dumps(frame).encode()).serialize(mask=True))
