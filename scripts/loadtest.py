@@ -267,6 +267,7 @@ async def run_worker(
     progress.put(("ready", index))
     # Wait for every worker to be connected (a multiprocessing event, not an asyncio one).
     await asyncio.to_thread(args["go"].wait)
+    cpu_at_go, go_at = time.process_time(), time.time()
 
     # Produce changes at this worker's share of the rate.
     mix = [(kind, float(w)) for kind, w in (part.split("=") for part in args["mix"].split(","))]
@@ -332,6 +333,9 @@ async def run_worker(
     progress.put(("produced", index))
     await asyncio.to_thread(args["collect"].wait)
     await _quiet(stats, args["settle"], args["settle_max"])
+    # Its own share of a core while it produced and read: a load generator near 1.0
+    # is the side that saturated, not the hub.
+    cpu_share = (time.process_time() - cpu_at_go) / max(1e-9, time.time() - go_at)
     # A request/reply on each socket flushes whatever the hub sent before it.
     await asyncio.gather(
         *(
@@ -347,6 +351,7 @@ async def run_worker(
             client.transport.abort()
     return {
         "connect_seconds": connect_seconds,
+        "cpu_share": cpu_share,
         "connected": len(clients),
         "deliveries": stats.deliveries,
         "changes_sent": stats.changes_sent,
@@ -661,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         "hub_cpu_seconds": round(cpu_used, 3),
         "hub_cpu_us_per_delivery": round(cpu_used / deliveries * 1e6, 2) if deliveries else None,
         "hub_rss_mib": round(memory / 2**20, 1),
+        "hub_cpu_share": round(cpu_used / load_seconds, 2),
+        "load_generator_cpu_share": [round(r["cpu_share"], 2) for r in merged],
         "errors": dict(errors),
     }
     text = json.dumps(report, indent=2)

@@ -46,4 +46,7 @@ async def test_a_short_load_run_is_complete_and_reported(
     hub_latency = result["hub_latency_ms_at_most"]
     assert hub_latency["updates"] > 0
     assert hub_latency["p50"] <= hub_latency["p99"]
+    # Which side worked how hard: one share of a core per worker.
+    assert len(result["load_generator_cpu_share"]) == 2
+    assert all(share > 0 for share in result["load_generator_cpu_share"])
     assert picture.stat().st_size > 0
