@@ -15,8 +15,11 @@ result does not depend on how late a timer fires.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
+
+import msgspec
+from msgspec.structs import replace
 
 from presence_hub.ids import SessionId
 
@@ -74,8 +77,7 @@ ENDED_RETENTION: Final = 86400.0
 # --- State -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+class Session(msgspec.Struct, frozen=True):
     device: Device
     node: str
     since: float
@@ -83,16 +85,14 @@ class Session:
     grace_until: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Activity:
+class Activity(msgspec.Struct, frozen=True):
     """An open call or meeting."""
 
     started: float
     deadline: float
 
 
-@dataclass(frozen=True, slots=True)
-class View:
+class View(msgspec.Struct, frozen=True):
     """What observers see of a user: the Presence of PROTOCOL.md, less the user id."""
 
     status: Status = "offline"
@@ -101,8 +101,7 @@ class View:
     ver: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class SelfView:
+class SelfView(msgspec.Struct, frozen=True):
     """The user's full private view of their own state, sent to their own sessions."""
 
     manual: Manual
@@ -118,8 +117,7 @@ class SelfView:
     ver: int
 
 
-@dataclass(frozen=True, slots=True)
-class UserState:
+class UserState(msgspec.Struct, frozen=True):
     manual: Manual = "available"
     message: str | None = None
     message_expires_at: float | None = None
@@ -127,11 +125,11 @@ class UserState:
     last_activity: float | None = None
     #: Whether the last activity is older than the auto-away setting.
     idle: bool = False
-    sessions: Mapping[SessionId, Session] = field(default_factory=dict)
-    calls: Mapping[str, Activity] = field(default_factory=dict)
-    meetings: Mapping[str, Activity] = field(default_factory=dict)
+    sessions: Mapping[SessionId, Session] = msgspec.field(default_factory=dict)
+    calls: Mapping[str, Activity] = msgspec.field(default_factory=dict)
+    meetings: Mapping[str, Activity] = msgspec.field(default_factory=dict)
     #: "call:REF" or "meeting:REF" -> when it may be forgotten.
-    ended: Mapping[str, float] = field(default_factory=dict)
+    ended: Mapping[str, float] = msgspec.field(default_factory=dict)
     #: The last view published to observers.
     view: View = View()
     self_ver: int = 0
