@@ -76,6 +76,10 @@ ENDED_RETENTION: Final = 86400.0
 
 # --- State -------------------------------------------------------------------
 
+# Immutable values, as frozen dataclasses would be, but built in C: the rules build
+# and copy a state several times per input, and a frozen dataclass sets each field
+# through object.__setattr__ (that cost more than the rules themselves).
+
 
 class Session(msgspec.Struct, frozen=True):
     device: Device
