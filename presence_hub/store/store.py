@@ -323,7 +323,7 @@ class PresenceStore:
             if self.cluster:
                 frames = await self._views_by_partition(tenant, users, state_keys)
             else:
-                frames = await self._views(keys=state_keys)
+                frames = await self._batched((self._views, state_keys, []))
         except RedisError as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return [View() if f is None else _view_from_frame(f) for f in frames]
