@@ -228,11 +228,12 @@ class Applied:
 
 
 class _ScriptBatcher:
-    """Script calls made in one pass of the event loop, sent as one pipeline.
+    """Script calls (commits, snapshot reads) made in one pass of the event loop, sent
+    as one pipeline.
 
-    Under load many sockets commit at once; batched, they share one connection
-    checkout, one write and one read instead of paying redis-py's per-command
-    overhead each. Alone, a call waits one pass of the loop.
+    Under load many sockets commit or subscribe at once; batched, they share one
+    connection checkout, one write and one read instead of paying redis-py's
+    per-command overhead each. Alone, a call waits one pass of the loop.
     """
 
     def __init__(self, run: Callable[[Sequence[ScriptCall]], Awaitable[list[Any]]]) -> None:
