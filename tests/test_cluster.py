@@ -8,8 +8,9 @@ import asyncio
 import gc
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp import ClientSession
@@ -30,14 +31,6 @@ pytestmark = pytest.mark.slow
 
 ACME = TenantId("acme")
 
-#: redis-py's asyncio RedisCluster drops the ClusterNode objects it replaces when it
-#: re-reads the topology after a server restarts, with their sockets still open
-#: (redis-py issues #3572 and #4053; reproduced with a bare RedisCluster). Their
-#: finalizers then warn; in the fault tests those warnings are not the hub's.
-redis_py_drops_replaced_nodes = pytest.mark.filterwarnings(
-    "ignore::pytest.PytestUnraisableExceptionWarning"
-)
-
 
 @pytest.fixture
 def _sockets_of_dropped_nodes() -> Iterator[None]:
@@ -47,6 +40,27 @@ def _sockets_of_dropped_nodes() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+_T = TypeVar("_T", bound=Callable[..., Any])
+
+
+def redis_py_drops_replaced_nodes(test: _T) -> _T:
+    """For the fault tests: redis-py's asyncio RedisCluster drops the ClusterNode objects
+    it replaces when it re-reads the topology after a server restarts, with their sockets
+    still open (redis-py issues #3572 and #4053; reproduced with a bare RedisCluster).
+    Their finalizers then warn; those warnings are not the hub's."""
+    ignore = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+    return ignore(pytest.mark.usefixtures("_sockets_of_dropped_nodes")(test))  # type: ignore[no-any-return]
+
+
+async def until_ok(client: Client, frame: dict[str, Any], failure: str) -> None:
+    """Send ``frame`` until the hub accepts it (a shard coming back, a slot moving)."""
+    for _ in range(150):
+        if (await client.request(frame))["type"] == "ok":
+            return
+        await asyncio.sleep(0.2)
+    pytest.fail(failure)
 
 
 def slot_of(user: str) -> int:
@@ -136,7 +150,6 @@ async def test_timers_fire_on_every_shard(
 
 
 @redis_py_drops_replaced_nodes
-@pytest.mark.usefixtures("_sockets_of_dropped_nodes")
 async def test_a_restarted_shard_loses_no_manual_status(
     redis_cluster: LocalCluster, start_cluster_node: StartNode
 ) -> None:
@@ -150,13 +163,8 @@ async def test_a_restarted_shard_loses_no_manual_status(
 
     # Every manual status is still there, and changes flow again on every shard.
     for client, user in zip(clients, users, strict=True):
-        for _ in range(150):
-            answer = await client.request({"type": "set_message", "text": "back"})
-            if answer["type"] == "ok":
-                break
-            await asyncio.sleep(0.2)
-        else:
-            pytest.fail(f"the shard of {user} never came back")
+        back = {"type": "set_message", "text": "back"}
+        await until_ok(client, back, f"the shard of {user} never came back")
         seen = await bob.presence(user, message="back", wait=30)
         assert seen["status"] == "dnd"
     query = await bob.request({"type": "query", "users": users})
@@ -164,7 +172,6 @@ async def test_a_restarted_shard_loses_no_manual_status(
 
 
 @redis_py_drops_replaced_nodes
-@pytest.mark.usefixtures("_sockets_of_dropped_nodes")
 async def test_a_moved_slot_is_followed_by_the_listeners(
     redis_cluster: LocalCluster, start_cluster_node: StartNode
 ) -> None:
@@ -177,12 +184,8 @@ async def test_a_moved_slot_is_followed_by_the_listeners(
     await asyncio.to_thread(redis_cluster.move_slot, slot_of(user), 2)
     assert redis_cluster.master_of(slot_of(user)) == 2
 
-    for _ in range(150):
-        if (await alice.request({"type": "set_status", "status": "dnd"}))["type"] == "ok":
-            break
-        await asyncio.sleep(0.2)
-    else:
-        pytest.fail("the hub never wrote to the slot's new shard")
+    dnd = {"type": "set_status", "status": "dnd"}
+    await until_ok(alice, dnd, "the hub never wrote to the slot's new shard")
     await bob.presence(user, status="dnd", wait=timeout(30))
     with redis_cluster.client(2) as shard:
         channel = keys.presence_channel(ACME, UserId(user))
@@ -239,7 +242,6 @@ async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
 
 
 @redis_py_drops_replaced_nodes
-@pytest.mark.usefixtures("_sockets_of_dropped_nodes")
 async def test_a_shard_failover_is_followed_and_loses_no_manual_status(tmp_path: Path) -> None:
     cluster = LocalCluster(tmp_path / "cluster", cluster_binary())
     await asyncio.to_thread(cluster.start)
@@ -257,13 +259,8 @@ async def test_a_shard_failover_is_followed_and_loses_no_manual_status(tmp_path:
             await asyncio.to_thread(cluster.failover, replica)
             assert cluster.master_of(slot_of(user)) == replica
 
-            for _ in range(150):
-                answer = await alice.request({"type": "set_message", "text": "after"})
-                if answer["type"] == "ok":
-                    break
-                await asyncio.sleep(0.2)
-            else:
-                pytest.fail("the hub never wrote to the promoted replica")
+            after = {"type": "set_message", "text": "after"}
+            await until_ok(alice, after, "the hub never wrote to the promoted replica")
             seen = await bob.presence(user, message="after", wait=30)
             assert seen["status"] == "dnd"
             with cluster.client(replica) as shard:
