@@ -9,6 +9,8 @@
     bench/bench.py cores       1,000 changes per second with --workers 1 and 2
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
     bench/bench.py floor       the kernel's CPU cost of one loopback send(), without any hub
+    bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
+                               state, packing a commit command (redis-py's packer and hiredis')
 
 Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from presence_hub.store import EmbeddedRedis, find_redis_server  # noqa: E402
 SECRET = "bench-secret-bench-secret-bench-secret"
 TENANT = "loadtest"
 RESULTS = ROOT / "bench" / "results"
+SCENARIOS = ["fanout", "latency", "ingest", "connect", "idle", "cores", "nodes", "floor", "micro"]
 
 
 def free_port() -> int:
@@ -117,7 +120,7 @@ def loadtest(ws: str, http: str, procs: list[psutil.Process], *args: str) -> dic
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
-    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    return float(sum(p.cpu_times().user + p.cpu_times().system for p in procs))
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -315,13 +318,52 @@ def send_floor(sockets: int = 5000, rounds: int = 20, frame: int = 150) -> dict[
     }
 
 
+def micro(count: int = 20000) -> dict[str, Any]:
+    """Microseconds per call of the pieces every event goes through, in this process."""
+    from redis.asyncio.connection import Connection
+
+    from presence_hub import rules
+    from presence_hub.ids import SessionId
+    from presence_hub.store.serde import decode_state, encode_state
+    from presence_hub.store.store import open_redis
+
+    now = time.time()
+    state = rules.apply(
+        rules.UserState(), rules.SessionOpened(SessionId("s1"), "desktop", "n1"), now
+    ).state
+    state = rules.apply(state, rules.CallStarted("c0", now), now).state
+    events = [rules.CallStarted("c1", now), rules.CallEnded("c1", now)]
+    blob = encode_state(state)
+    commit = (
+        "EVALSHA", "a" * 40, 3, "ph:{p1f}:acme:u1", "ph:{p1f}:acme:u1:ev:e1", "ph:{p1f}:timers",
+        7, b"x" * 200, b"y" * 150, b"z" * 100, "acme:u1", repr(now + 60), "ph:{p1f}:acme:u1:p",
+        "ph:{p1f}:acme:u1:s", 86400, b"w" * 120, "PUBLISH", "applied",
+    )  # fmt: skip
+    client = open_redis("redis://127.0.0.1:1")  # never connects: only its packer is used
+    packing = client.connection_pool.connection_class()  # type: ignore[union-attr]
+    python_packing = Connection()
+
+    def per_call(run: Any) -> float:
+        started = time.perf_counter()
+        for n in range(count):
+            run(n)
+        return round((time.perf_counter() - started) / count * 1e6, 2)
+
+    return {
+        "rules_apply_us": per_call(lambda n: rules.apply(state, events[n % 2], now)),
+        "decode_state_us": per_call(lambda n: decode_state(blob)),
+        "pack_commit_redis_py_us": per_call(lambda n: python_packing.pack_command(*commit)),
+        "pack_commit_hiredis_us": per_call(lambda n: packing.pack_command(*commit)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "scenario",
-        choices=["fanout", "latency", "ingest", "connect", "idle", "cores", "nodes", "floor"],
+        choices=SCENARIOS,
     )
     opts = parser.parse_args()
     result: Any
@@ -335,10 +377,16 @@ def main() -> None:
         result = nodes()
     elif opts.scenario == "floor":
         result = send_floor()
+    elif opts.scenario == "micro":
+        result = micro()
     elif opts.scenario == "ingest":
         with hub() as (ws, http, procs):
             result = {}
-            for name, run in (("http", lambda: ingest_http(http)), ("ws", lambda: ingest_ws(ws))):
+            runs: list[tuple[str, Callable[[], Coroutine[Any, Any, float]]]] = [
+                ("http", lambda: ingest_http(http)),
+                ("ws", lambda: ingest_ws(ws)),
+            ]
+            for name, run in runs:
                 cpu, started = cpu_seconds(procs), time.time()
                 rate = asyncio.run(run())
                 used = cpu_seconds(procs) - cpu
