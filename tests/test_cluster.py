@@ -25,7 +25,7 @@ from tests.cluster import LocalCluster
 from tests.conftest import StartNode, cluster_binary, make_token, node_starter, ws_url
 from tests.processes import HubProcess
 from tests.utils import timeout
-from tests.wsclient import Client
+from tests.wsclient import Client, until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -52,15 +52,6 @@ def redis_py_drops_replaced_nodes(test: _T) -> _T:
     Their finalizers then warn; those warnings are not the hub's."""
     ignore = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
     return ignore(pytest.mark.usefixtures("_sockets_of_dropped_nodes")(test))  # type: ignore[no-any-return]
-
-
-async def until_ok(client: Client, frame: dict[str, Any], failure: str) -> None:
-    """Send ``frame`` until the hub accepts it (a shard coming back, a slot moving)."""
-    for _ in range(150):
-        if (await client.request(frame))["type"] == "ok":
-            return
-        await asyncio.sleep(0.2)
-    pytest.fail(failure)
 
 
 def slot_of(user: str) -> int:

@@ -19,7 +19,7 @@ from presence_hub.store import EmbeddedRedis
 from tests.conftest import StartNode, make_token, ws_url
 from tests.processes import LEASE, HubProcess
 from tests.utils import timeout
-from tests.wsclient import Client
+from tests.wsclient import Client, until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -124,12 +124,8 @@ async def test_a_redis_restart_is_survived(
     redis_server.start()
 
     # Retry as a client would, until the hub has its Redis back.
-    for _ in range(150):
-        if (await alice.request({"type": "set_status", "status": "away"}))["type"] == "ok":
-            break
-        await asyncio.sleep(0.2)
-    else:
-        pytest.fail("the hub never got its Redis back")
+    away = {"type": "set_status", "status": "away"}
+    await until_ok(alice, away, "the hub never got its Redis back")
     await bob.presence("alice", status="away", wait=30)
     query = await bob.request({"type": "query", "users": ["alice"]})
     assert query["presences"][0]["status"] == "away"

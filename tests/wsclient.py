@@ -164,3 +164,13 @@ async def stalled_client(
 def send_masked(writer: asyncio.StreamWriter, frame: dict[str, Any]) -> None:
     """A client's JSON frame, masked as the protocol wants, on a raw socket."""
     writer.write(WireFrame(Opcode.TEXT, json.dumps(frame).encode()).serialize(mask=True))
+
+
+async def until_ok(client: Client, frame: dict[str, Any], failure: str) -> None:
+    """Send ``frame`` until the hub accepts it, as a client retries while the hub's
+    Redis (or one of its shards) comes back; ``failure`` if it never does."""
+    for _ in range(150):
+        if (await client.request(frame))["type"] == "ok":
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(failure)
