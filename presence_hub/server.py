@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 WS_PATH: Final = "/v1/ws"
 #: Refused frames in a row (rate-limited) after which a connection is closed with 1008.
 ABUSE_LIMIT: Final = 100
+#: Seconds between two slices of a keepalive round.
+KEEPALIVE_SLICE: Final = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,22 +273,36 @@ class Node:
                 log.warning("lease not renewed: %s", exc)
 
     async def _keep_alive(self, every: float) -> None:
-        """Ping every socket each round; a socket that did not answer the last round's
-        ping is dead (a half-open TCP connection) and is closed, so its session drops."""
-        waiting: dict[Connection, Awaitable[float]] = {}
+        """Ping every socket once a round; a socket that has not answered the previous
+        round's ping, sent at least half a round ago, is dead (a half-open TCP
+        connection) and is closed, so its session drops.
+
+        A round is spread over slices of about 50 ms: thousands of pings written in one
+        pass of the event loop, and their pongs read in the next, would hold up every
+        delivery for as long."""
+        loop = asyncio.get_running_loop()
+        #: Socket -> when its last ping went out, and its pong.
+        pinged: dict[Connection, tuple[float, Awaitable[float]]] = {}
+        slices = max(1, round(every / KEEPALIVE_SLICE))
         while True:
-            await asyncio.sleep(every)
-            answered: dict[Connection, Awaitable[float]] = {}
-            for conn in list(self.hub.connections):
-                if conn.ws.paused:
-                    continue  # a full socket is the backlog writer's to judge (send_timeout)
-                previous = waiting.get(conn)
-                if previous is not None and not previous.done():  # type: ignore[attr-defined]
-                    conn.ws.transport.abort()
-                    continue
-                with contextlib.suppress(ConnectionClosed):
-                    answered[conn] = await conn.ws.ping()
-            waiting = answered
+            this_round: dict[Connection, tuple[float, Awaitable[float]]] = {}
+            conns = list(self.hub.connections)
+            size = -(-len(conns) // slices)  # rounded up
+            for n in range(slices):
+                await asyncio.sleep(every / slices)
+                for conn in conns[n * size : (n + 1) * size]:
+                    if conn.ws.paused:
+                        continue  # a full socket is the backlog writer's to judge (send_timeout)
+                    previous = pinged.get(conn)
+                    if previous is not None and not previous[1].done():  # type: ignore[attr-defined]
+                        if loop.time() - previous[0] >= every / 2:
+                            conn.ws.transport.abort()
+                        else:
+                            this_round[conn] = previous
+                        continue
+                    with contextlib.suppress(ConnectionClosed):
+                        this_round[conn] = (loop.time(), await conn.ws.ping())
+            pinged = this_round
 
     # --- The handshake --------------------------------------------------------------
 

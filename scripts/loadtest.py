@@ -281,13 +281,20 @@ async def run_worker(
     producer_token = token(f"producer-{index}", "producer")
     connected = list(clients)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {producer_token}"}) as http:
-        tick = 0.05
+        # Changes go out as they fall due, about every millisecond, not in bursts: a
+        # burst of N changes is N x contacts deliveries handed to the hub at once, and
+        # the latencies would then measure how long the hub takes to drain the burst.
+        tick = 0.001
         seq = 0
         pending_http: set[asyncio.Task[None]] = set()
-        next_at = time.time()
-        while rate > 0 and time.time() < deadline and stats.changes_sent < budget and connected:
-            batch = max(1, round(rate * tick))
-            events: list[dict[str, Any]] = []
+        started_producing = reported_at = posted_at = time.time()
+        unreported = 0
+        events: list[dict[str, Any]] = []
+        stop = False
+        while rate > 0 and not stop and connected:
+            stop = time.time() >= deadline or stats.changes_sent >= budget
+            due = min(budget, int(rate * (time.time() - started_producing)) + 1)
+            batch = 0 if stop else due - stats.changes_sent
             for _ in range(batch):
                 seq += 1
                 user = rng.choice(connected)
@@ -312,13 +319,19 @@ async def run_worker(
                         events.append(_event(f"{kind}_started", user, ref, now, index, seq))
                 stats.changes_sent += 1
                 sent_per_second[int(now)] += 1
-            if events:
+            # Producers' events go in batches of up to 20 ms, as a call server would send them.
+            if events and (len(events) >= 100 or time.time() - posted_at >= 0.02 or stop):
                 task = asyncio.create_task(_post(http, args["http_url"], events, stats))
                 pending_http.add(task)
                 task.add_done_callback(pending_http.discard)
-            progress.put(("sent", batch))
-            next_at += tick
-            await asyncio.sleep(max(0.0, next_at - time.time()))
+                events, posted_at = [], time.time()
+            unreported += batch
+            if unreported and time.time() - reported_at > 0.1:
+                progress.put(("sent", unreported))
+                unreported, reported_at = 0, time.time()
+            await asyncio.sleep(tick)
+        if unreported:
+            progress.put(("sent", unreported))
         if pending_http:
             await asyncio.wait(pending_http, timeout=30)
         # End what is open, so that the final state is simple to check.

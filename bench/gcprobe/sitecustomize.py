@@ -29,7 +29,7 @@ def _report(phase: str, info: dict[str, Any]) -> None:
         program = " ".join(sys.argv[:2])[-40:]
         sys.stderr.write(
             f"GCPAUSE pid={os.getpid()} generation={info['generation']} {pause * 1000:.0f} ms "
-            f"collected={info['collected']} {program}\n"
+            f"collected={info['collected']} at={time.strftime('%H:%M:%S')} {program}\n"
         )
 
 
