@@ -318,6 +318,22 @@ async def test_a_batch_of_events_applies_in_order_and_publishes_the_net_change(
     assert await store.apply_events(ACME, batch) == ["duplicate"] * 5
 
 
+async def test_a_batch_sees_what_another_node_wrote_since_this_one_last_committed(
+    store: PresenceStore, redis: Redis, clock: Clock
+) -> None:
+    other_node = PresenceStore(redis, clock=clock)
+    await store.apply_events(ACME, [(ALICE, CallStarted("c1", at=clock.now), "e1")])
+    # This node skips the state it committed last; another node's write must not be.
+    await other_node.apply(ACME, ALICE, MessageSet("from the other node"))
+    await store.apply_events(ACME, [(ALICE, CallStarted("c2", at=clock.now), "e2")])
+    state = await PresenceStore(redis).load(ACME, ALICE)
+    assert state.message == "from the other node"
+    assert sorted(state.calls) == ["c1", "c2"]
+    # And a batch after this node's own commit carries on from it.
+    await store.apply_events(ACME, [(ALICE, CallEnded("c1", at=clock.now), "e3")])
+    assert sorted((await PresenceStore(redis).load(ACME, ALICE)).calls) == ["c2"]
+
+
 def test_two_embedded_redis_servers_never_share_a_data_directory(tmp_path: Any) -> None:
     with (
         EmbeddedRedis(tmp_path / "data"),

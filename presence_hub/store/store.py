@@ -485,9 +485,7 @@ class PresenceStore:
         sent_at = now if origin is None else origin
         results: list[EventResult] = ["duplicate"] * len(batch)
         commits: list[tuple[UserId, list[int], UserState, tuple[list[str], list[Any]]]] = []
-        for (user, indices), (raw_rev, blob) in zip(by_user.items(), reads, strict=True):
-            rev = 0 if raw_rev is None or blob is None else int(raw_rev)
-            state = UserState() if blob is None or rev == 0 else decode_state(blob)
+        for (user, indices), (rev, state) in zip(by_user.items(), reads, strict=True):
             folded, outcome, view, own, fresh = state, None, None, None, []
             ids: set[str] = set()
             for n in indices:
@@ -529,28 +527,41 @@ class PresenceStore:
 
     async def _read_batch(
         self, tenant: TenantId, by_user: dict[UserId, list[int]], event_keys: list[str]
-    ) -> tuple[list[tuple[bytes | None, bytes | None]], list[bool]]:
-        """Each user's revision and state blob, and whether each event key was seen: one
-        script call, or one per partition on a cluster (a script's keys share a slot)."""
+    ) -> tuple[list[tuple[int, UserState]], list[bool]]:
+        """Each user's revision and state, and whether each event key was seen: one
+        script call, or one per partition on a cluster (a script's keys share a slot).
+        A state this node committed last is not sent again, nor decoded."""
         groups: dict[int, list[UserId]] = {}
         for user in by_user:
             groups.setdefault(keys.partition(tenant, user) if self.cluster else 0, []).append(user)
         events = [[n for user in users for n in by_user[user]] for users in groups.values()]
+        cache = self._cache
+        known = {
+            user: cached
+            for user in by_user
+            if (cached := cache.get(keys.state_key(tenant, user))) is not None
+        }
         calls: list[ScriptCall] = [
             (
                 self._read_many,
                 [keys.state_key(tenant, u) for u in users] + [event_keys[n] for n in group],
-                [len(users)],
+                [len(users), *(str(known[u][0]) if u in known else "" for u in users)],
             )
             for users, group in zip(groups.values(), events, strict=True)
         ]
-        states: dict[UserId, tuple[bytes | None, bytes | None]] = {}
+        states: dict[UserId, tuple[int, UserState]] = {}
         seen = [False] * len(event_keys)
         replies = await self._run_scripts(calls)
         for users, group, reply in zip(groups.values(), events, replies, strict=True):
             values = _raise_error(reply)
             for i, user in enumerate(users):
-                states[user] = (values[2 * i], values[2 * i + 1])
+                raw_rev, blob = values[2 * i], values[2 * i + 1]
+                if raw_rev is None or blob is None:
+                    states[user] = (0, UserState())
+                elif blob == 1:
+                    states[user] = known[user]
+                else:
+                    states[user] = (int(raw_rev), decode_state(blob))
             for n, flag in zip(group, values[2 * len(users) :], strict=True):
                 seen[n] = bool(flag)
         return [states[user] for user in by_user], seen
