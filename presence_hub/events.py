@@ -109,7 +109,7 @@ async def apply_events(
             if metrics is not None:
                 kind = raw.get("kind") if isinstance(raw, Mapping) else None
                 label = kind if kind in EVENT_KINDS else "invalid"
-                metrics.events.labels(label, "rejected").inc()
+                metrics.event(label, "rejected").inc()
             continue
         valid.append((n, event))
 
@@ -119,5 +119,5 @@ async def apply_events(
     for (n, event), result in zip(valid, applied, strict=True):
         results[n] = {"event_id": event.event_id, "result": result}
         if metrics is not None:
-            metrics.events.labels(event.kind, result).inc()
+            metrics.event(event.kind, result).inc()
     return results

@@ -281,7 +281,7 @@ class Connection:
         if self.ws.protocol.state is not State.OPEN:
             raise ConnectionClosed(None, None)
         if self.fmt == "msgpack":
-            data = [_frame(Opcode.BINARY, msgpack.packb(f)) for f in frames]
+            data = [_frame(Opcode.BINARY, codec.pack(f)) for f in frames]
         else:
             data = [_frame(Opcode.TEXT, str(codec.encode(f, "json")).encode()) for f in frames]
         self.ws.transport.write(b"".join(data))
@@ -698,14 +698,14 @@ class Hub:
                 views = await self.store.views(tenant, users)
                 for user, view in zip(users, views, strict=True):
                     frame = codec.presence_frame(user, view)
-                    update = Update(msgpack.packb(frame), frame)
+                    update = Update(codec.pack(frame), frame)
                     for conn in self._watchers.get(keys.presence_channel(tenant, user), ()):
                         conn.offer(user, update)
             for channel, owners in list(self._owners.items()):
                 tenant, user = keys.channel_member(channel)
                 state = await self.store.load(tenant, user)
                 frame = codec.self_frame(self_view(state))
-                update = Update(msgpack.packb(frame), frame)
+                update = Update(codec.pack(frame), frame)
                 for conn in owners:
                     conn.offer_self(update)
         except StoreUnavailable as exc:

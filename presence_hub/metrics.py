@@ -14,6 +14,7 @@ class Metrics:
         self._sent: dict[str, Counter] = {}
         self._received: dict[str, Counter] = {}
         self._store_ops: dict[str, Histogram] = {}
+        self._events: dict[tuple[str, str], Counter] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge(
@@ -83,6 +84,13 @@ class Metrics:
         child = self._received.get(kind)
         if child is None:
             child = self._received[kind] = self.frames_in.labels(kind)
+        return child
+
+    def event(self, kind: str, result: str) -> Counter:
+        """The events counter of one kind and result (cached: every event counts)."""
+        child = self._events.get((kind, result))
+        if child is None:
+            child = self._events[kind, result] = self.events.labels(kind, result)
         return child
 
     def store_op(self, op: str) -> Histogram:

@@ -488,6 +488,6 @@ def _close(
 
 
 def _forget_ended(state: UserState, now: float) -> UserState:
-    if all(t > now for t in state.ended.values()):
+    if min(state.ended.values()) > now:
         return state
     return replace(state, ended={k: t for k, t in state.ended.items() if t > now})

@@ -153,25 +153,34 @@ class LightClient(asyncio.Protocol):
     def send(self, frame: dict[str, Any]) -> None:
         self._write(0x82, msgpack.packb(frame))
 
-    def _write(self, first_byte: int, payload: bytes) -> None:
-        """One masked frame (a client's frames must be masked): FIN and opcode in
-        ``first_byte``."""
+    def send_many(self, frames: list[dict[str, Any]]) -> None:
+        """Several frames in one write, as a pipelining producer sends them."""
         assert self.transport is not None
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            header = struct.pack("!BB", first_byte, 0x80 | n)
-        elif n < 65536:
-            header = struct.pack("!BBH", first_byte, 0x80 | 126, n)
-        else:
-            header = struct.pack("!BBQ", first_byte, 0x80 | 127, n)
-        self.transport.write(header + mask + apply_mask(payload, mask))
+        self.transport.write(b"".join(_masked(0x82, msgpack.packb(f)) for f in frames))
+
+    def _write(self, first_byte: int, payload: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(_masked(first_byte, payload))
 
     async def request(self, frame: dict[str, Any], rid: int) -> dict[str, Any]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.replies[rid] = future
         self.send({**frame, "id": rid})
         return await asyncio.wait_for(future, 60)
+
+
+def _masked(first_byte: int, payload: bytes) -> bytes:
+    """One masked frame (a client's frames must be masked): FIN and opcode in
+    ``first_byte``."""
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", first_byte, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", first_byte, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", first_byte, 0x80 | 127, n)
+    return header + mask + apply_mask(payload, mask)
 
 
 async def open_client(url: str, token: str, user: str, stats: WorkerStats) -> LightClient:

@@ -71,7 +71,10 @@ def partition(tenant: TenantId, user: UserId) -> int:
     return zlib.crc32(member(tenant, user).encode()) % PARTITIONS
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _prefix(tenant: TenantId, user: UserId) -> str:
+    # Cached: a change names several keys and channels of its user, and hashing the
+    # user each time cost more than a lookup.
     return f"ph:{{{_tags()[partition(tenant, user)]}}}:{tenant}:{user}"
 
 
@@ -99,7 +102,8 @@ def event_key(tenant: TenantId, user: UserId, event_id: str) -> str:
 
 def timer_bucket(tenant: TenantId, user: UserId) -> str:
     """The sorted set of due times of the user's partition, in the user's slot."""
-    return f"ph:{{{_tags()[partition(tenant, user)]}}}:timers"
+    prefix = _prefix(tenant, user)
+    return f"{prefix[: prefix.index('}') + 1]}:timers"
 
 
 def timer_buckets() -> list[str]:

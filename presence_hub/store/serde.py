@@ -6,6 +6,7 @@ from typing import Any
 
 import msgpack
 
+from presence_hub.codec import pack
 from presence_hub.ids import SessionId
 from presence_hub.rules import Activity, Session, UserState, View
 
@@ -32,7 +33,7 @@ def encode_state(state: UserState) -> bytes:
         "v": [view.status, view.message, view.since, view.ver],
         "sv": state.self_ver,
     }
-    return msgpack.packb(blob)  # type: ignore[no-any-return]
+    return pack(blob)
 
 
 def decode_state(data: bytes) -> UserState:

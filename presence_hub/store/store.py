@@ -427,9 +427,9 @@ class PresenceStore:
         sent_at: float,
     ) -> tuple[list[str], list[Any]]:
         """The keys and arguments of commit.lua for one user's transition."""
-        view = _pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
+        view = codec.pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
         own = (
-            _pack([sent_at, _pack(codec.self_frame(outcome.self_view))])
+            codec.pack([sent_at, codec.pack(codec.self_frame(outcome.self_view))])
             if outcome.self_view
             else b""
         )
@@ -445,7 +445,7 @@ class PresenceStore:
                 keys.presence_channel(tenant, user),
                 keys.self_channel(tenant, user),
                 self._event_ttl,
-                _pack([sent_at, view]) if view else b"",
+                codec.pack([sent_at, view]) if view else b"",
                 self._publish,
                 *results,
             ],
@@ -660,10 +660,6 @@ class PresenceStore:
                 fired = 0
             if not fired:
                 await asyncio.sleep(interval)
-
-
-def _pack(frame: object) -> bytes:
-    return msgpack.packb(frame)  # type: ignore[no-any-return]
 
 
 def _raise_error(reply: Any) -> Any:
