@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
@@ -98,7 +99,7 @@ class Flusher:
     updates per pass) pays for one; an idle node adds one pass of delay.
     """
 
-    __slots__ = ("_due", "_metrics", "_origins", "_queued")
+    __slots__ = ("_coalesced", "_due", "_metrics", "_origins", "_queued")
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -106,6 +107,8 @@ class Flusher:
         #: When the inputs behind this pass's updates arrived, for the latency metric.
         self._origins: list[float] = []
         self._due = False
+        #: Updates replaced by a newer one of the same user before their write.
+        self._coalesced = 0
 
     def add(self, conn: Connection) -> None:
         self._queued.append(conn)
@@ -114,6 +117,11 @@ class Flusher:
     def arrived(self, origin: float) -> None:
         """An update whose input arrived at ``origin`` is being handed out in this pass."""
         self._origins.append(origin)
+        self._schedule()
+
+    def coalesce(self) -> None:
+        """Count a coalesced update (one metric update per pass, not per update)."""
+        self._coalesced += 1
         self._schedule()
 
     def _schedule(self) -> None:
@@ -134,6 +142,9 @@ class Flusher:
         if written:
             self._metrics.deliveries.inc(written)
             self._metrics.sent("presence").inc(written)
+        if self._coalesced:
+            self._metrics.coalesced.inc(self._coalesced)
+            self._coalesced = 0
         # One observation per update, not per socket: they were all written just now.
         now = time.time()
         for origin in origins:
@@ -218,7 +229,7 @@ class Connection:
         pending = self._pending
         if user in pending:
             self.coalesced += 1
-            self.metrics.coalesced.inc()
+            self.flusher.coalesce()
         pending[user] = update
         if not self._scheduled:
             self._schedule()
@@ -272,22 +283,29 @@ class Connection:
             self.expiry.cancel()
 
     async def send(self, frame: dict[str, Any]) -> None:
+        """One frame, written straight to the socket; only a full socket goes through
+        websockets' ``send()``, which waits for it to drain."""
         self.metrics.sent(frame["type"]).inc()
-        await self.ws.send(codec.encode(frame, self.fmt))
+        ws = self.ws
+        if ws.paused or ws.protocol.state is not State.OPEN:
+            await ws.send(codec.encode(frame, self.fmt))
+        else:
+            ws.transport.write(self._framed(frame))
 
     async def send_all(self, frames: list[dict[str, Any]]) -> None:
         """Several frames in one write, in order (a producer's replies to a batch of
         events: one ``send()`` instead of one per reply)."""
         if self.ws.protocol.state is not State.OPEN:
             raise ConnectionClosed(None, None)
-        if self.fmt == "msgpack":
-            data = [_frame(Opcode.BINARY, codec.pack(f)) for f in frames]
-        else:
-            data = [_frame(Opcode.TEXT, str(codec.encode(f, "json")).encode()) for f in frames]
-        self.ws.transport.write(b"".join(data))
+        self.ws.transport.write(b"".join([self._framed(f) for f in frames]))
         for frame in frames:
             self.metrics.sent(frame["type"]).inc()
         await asyncio.wait_for(self.ws.drain(), self.send_timeout)
+
+    def _framed(self, frame: dict[str, Any]) -> bytes:
+        if self.fmt == "msgpack":
+            return _frame(Opcode.BINARY, codec.pack(frame))
+        return _frame(Opcode.TEXT, str(codec.encode(frame, "json")).encode())
 
     async def _write_backlog(self) -> None:
         """Write the backlog as the socket drains; close the socket if it stalls."""
@@ -468,6 +486,10 @@ class Hub:
         self._check_listening()
         new, waits = [], []
         for user in users:
+            # Interned, as are the user ids of published updates: the fan-out looks each
+            # update's user up in every watcher's map, and equal ids that are one object
+            # compare at once.
+            user = UserId(sys.intern(user))
             conn.watching.setdefault(user, -1)
             channel = keys.presence_channel(conn.tenant, user)
             watchers = self._watchers[channel]
@@ -670,7 +692,7 @@ class Hub:
             watchers = self._watchers.get(channel)
             if watchers:
                 update = Update.published(data)
-                user = UserId(update.map["user"])
+                user = UserId(sys.intern(update.map["user"]))
                 for conn in watchers:
                     conn.offer(user, update)
                 if update.origin is not None:
