@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 #: Items per ``presences`` frame, so a coalesced backlog never makes one huge frame.
 BATCH: Final = 500
 SUBSCRIBE_CHUNK: Final = 1000
+#: A flush that takes longer (it wrote to about 1,500 sockets or more) means the node
+#: is saturated: the next one waits twice as long as this one took.
+SATURATED_FLUSH: Final = 0.01
 
 
 class Update:
@@ -96,10 +99,11 @@ class Flusher:
 
     The ``send()`` is the largest single cost of a delivery (``bench/bench.py floor``),
     so a socket given several updates in one pass (a busy node reads many published
-    updates per pass) pays for one; an idle node adds one pass of delay.
+    updates per pass) pays for one; an idle node adds one pass of delay. A saturated
+    node spaces its flushes out, so that each ``send()`` carries more updates.
     """
 
-    __slots__ = ("_coalesced", "_due", "_metrics", "_origins", "_queued")
+    __slots__ = ("_coalesced", "_due", "_metrics", "_not_before", "_origins", "_queued")
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -109,6 +113,8 @@ class Flusher:
         self._due = False
         #: Updates replaced by a newer one of the same user before their write.
         self._coalesced = 0
+        #: Loop time before which the next flush does not run.
+        self._not_before = 0.0
 
     def add(self, conn: Connection) -> None:
         self._queued.append(conn)
@@ -127,10 +133,17 @@ class Flusher:
     def _schedule(self) -> None:
         if not self._due:
             self._due = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            wait = self._not_before - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self._flush)
+            else:
+                loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._due = False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         queued, self._queued = self._queued, []
         origins, self._origins = self._origins, []
         written = 0
@@ -145,6 +158,14 @@ class Flusher:
         if self._coalesced:
             self._metrics.coalesced.inc(self._coalesced)
             self._coalesced = 0
+        # After a flush that wrote to thousands of sockets (a saturated node, whose
+        # latency is long already), the next one waits twice as long as this one took:
+        # each send() then carries more updates, and taking changes in gets two thirds of
+        # the time. Below that a wait would only add latency, since a socket rarely has
+        # more than one update per flush.
+        finished = loop.time()
+        took = finished - started
+        self._not_before = finished + 2 * took if took > SATURATED_FLUSH else 0.0
         # One observation per update, not per socket: they were all written just now.
         now = time.time()
         for origin in origins:
