@@ -376,7 +376,7 @@ def main() -> None:
     opts = parser.parse_args()
     result: Any
     if opts.scenario == "fanout":
-        result = fanout([500, 1000, 2000, 4000])
+        result = fanout([500, 1000, 2000, 4000, 6000])
     elif opts.scenario == "latency":
         result = fanout([1000])
     elif opts.scenario == "cores":

@@ -576,20 +576,16 @@ class PresenceStore:
     async def _read(
         self, tenant: TenantId, user: UserId, event_key: str | None = None
     ) -> tuple[int, UserState, bool]:
-        """The state, its revision, and whether ``event_key`` was seen: one round trip."""
+        """The state, its revision, and whether ``event_key`` was seen: one script call,
+        in the pipeline of the pass (a connect storm reads thousands of users)."""
         state_key = keys.state_key(tenant, user)
-        if event_key is None:
-            fields = await self.redis.hmget(state_key, ["rev", "state"])  # type: ignore[misc]
-            seen = False
-        else:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(state_key, ["rev", "state"])
-                pipe.exists(event_key)
-                fields, seen = await pipe.execute()
-        rev, blob = cast("list[bytes | None]", fields)
+        extra = [event_key] if event_key is not None else []
+        values = await self._batched((self._read_many, [state_key, *extra], [1, ""]))
+        rev, blob = values[0], values[1]
+        seen = bool(extra) and bool(values[2])
         if rev is None or blob is None:
-            return 0, UserState(), bool(seen)
-        return int(rev), decode_state(blob), bool(seen)
+            return 0, UserState(), seen
+        return int(rev), decode_state(blob), seen
 
     async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Script calls in one pipelined round trip (one per shard on a cluster); each
