@@ -16,7 +16,13 @@ from presence_hub.errors import StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.rules import SessionExpired
 from presence_hub.store import keys
-from presence_hub.store.store import PresenceStore, RedisClient, redis_errors, register_script
+from presence_hub.store.store import (
+    PresenceStore,
+    RedisClient,
+    ScriptBatcher,
+    redis_errors,
+    register_script,
+)
 
 __all__ = ["NODES_KEY", "NodeRegistry"]
 
@@ -45,6 +51,10 @@ class NodeRegistry:
         self.lease = lease
         self._clock = clock
         self._claim = register_script(redis, "claim_timers.lua")
+        self._index = register_script(redis, "session_index.lua")
+        #: Sessions open and close by the thousand in a connect storm or a mass
+        #: disconnect: those of one pass of the event loop share one pipeline.
+        self._batched = ScriptBatcher(redis)
         #: Since when this node's renewals have all succeeded (None after a failure).
         self._holding_since: float | None = None
 
@@ -80,13 +90,12 @@ class NodeRegistry:
 
     async def add_session(self, session: SessionId, tenant: TenantId, user: UserId) -> None:
         with redis_errors():
-            await self.redis.hset(  # type: ignore[misc]
-                _sessions_key(self.node), session, keys.member(tenant, user)
-            )
+            member = keys.member(tenant, user)
+            await self._batched((self._index, [_sessions_key(self.node)], [session, member]))
 
     async def remove_session(self, session: SessionId) -> None:
         with redis_errors():
-            await self.redis.hdel(_sessions_key(self.node), session)  # type: ignore[misc]
+            await self._batched((self._index, [_sessions_key(self.node)], [session, ""]))
 
     async def reap(self, store: PresenceStore) -> int:
         """End the sessions of every dead node this node can claim; returns how many.

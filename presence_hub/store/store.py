@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import resources
@@ -52,6 +52,7 @@ __all__ = [
     "EventResult",
     "PresenceStore",
     "RedisClient",
+    "ScriptBatcher",
     "is_cluster_url",
     "lua_script",
     "open_redis",
@@ -227,7 +228,34 @@ class Applied:
     outcome: Outcome | None
 
 
-class _ScriptBatcher:
+async def run_scripts(redis: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Script calls in one pipelined round trip (one per shard on a cluster); each
+    reply is a result or the error of that call. A server that answers NOSCRIPT (a
+    restarted or new one: scripts are not persisted) is given the script, and the
+    calls it refused are run again."""
+    replies = await _evalsha_pipeline(redis, calls)
+    refused = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if refused:
+        for script in {calls[n][0] for n in refused}:
+            await redis.script_load(script.script)
+        again = await _evalsha_pipeline(redis, [calls[n] for n in refused])
+        for n, reply in zip(refused, again, strict=True):
+            replies[n] = reply
+    return replies
+
+
+async def _evalsha_pipeline(redis: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
+    pipe: Pipeline | ClusterPipeline
+    async with redis.pipeline(transaction=False) as pipe:
+        for script, script_keys, args in calls:
+            # Not pipe.evalsha(), which redis-py refuses in a cluster pipeline; the
+            # command itself is routed by its keys like any other.
+            pipe.execute_command("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    return replies
+
+
+class ScriptBatcher:
     """Script calls (commits, snapshot reads) made in one pass of the event loop, sent
     as one pipeline.
 
@@ -236,8 +264,8 @@ class _ScriptBatcher:
     per-command overhead each. Alone, a call waits one pass of the loop.
     """
 
-    def __init__(self, run: Callable[[Sequence[ScriptCall]], Awaitable[list[Any]]]) -> None:
-        self._run = run
+    def __init__(self, redis: RedisClient) -> None:
+        self._redis = redis
         self._queued: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -256,7 +284,7 @@ class _ScriptBatcher:
     async def _send_batch(self) -> None:
         queued, self._queued = self._queued, []
         try:
-            replies = await self._run([call for call, _ in queued])
+            replies = await run_scripts(self._redis, [call for call, _ in queued])
         except asyncio.CancelledError:
             for _, future in queued:
                 future.cancel()
@@ -295,7 +323,7 @@ class PresenceStore:
         self._claim = register_script(redis, "claim_timers.lua")
         self._views = register_script(redis, "views.lua")
         self._read_many = register_script(redis, "read.lua")
-        self._batched = _ScriptBatcher(self._run_scripts)
+        self._batched = ScriptBatcher(redis)
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         try:
@@ -340,7 +368,7 @@ class PresenceStore:
             (self._views, [state_keys[n] for n in group], []) for group in groups.values()
         ]
         frames: list[bytes | None] = [None] * len(users)
-        for group, reply in zip(groups.values(), await self._run_scripts(calls), strict=True):
+        for group, reply in zip(groups.values(), await run_scripts(self.redis, calls), strict=True):
             for n, frame in zip(group, _raise_error(reply), strict=True):
                 frames[n] = frame
         return frames
@@ -514,7 +542,9 @@ class PresenceStore:
             )
             commits.append((user, fresh, folded, call))
 
-        committed = await self._run_scripts([(self._commit, k, a) for _, _, _, (k, a) in commits])
+        committed = await run_scripts(
+            self.redis, [(self._commit, k, a) for _, _, _, (k, a) in commits]
+        )
         for (user, fresh, folded, _), result in zip(commits, committed, strict=True):
             if isinstance(result, int) and result >= 0:
                 self._remember(keys.state_key(tenant, user), result, folded)
@@ -551,7 +581,7 @@ class PresenceStore:
         ]
         states: dict[UserId, tuple[int, UserState]] = {}
         seen = [False] * len(event_keys)
-        replies = await self._run_scripts(calls)
+        replies = await run_scripts(self.redis, calls)
         for users, group, reply in zip(groups.values(), events, replies, strict=True):
             values = _raise_error(reply)
             for i, user in enumerate(users):
@@ -587,31 +617,6 @@ class PresenceStore:
             return 0, UserState(), seen
         return int(rev), decode_state(blob), seen
 
-    async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Script calls in one pipelined round trip (one per shard on a cluster); each
-        reply is a result or the error of that call. A server that answers NOSCRIPT (a
-        restarted or new one: scripts are not persisted) is given the script, and the
-        calls it refused are run again."""
-        replies = await self._evalsha_pipeline(calls)
-        refused = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if refused:
-            for script in {calls[n][0] for n in refused}:
-                await self.redis.script_load(script.script)
-            again = await self._evalsha_pipeline([calls[n] for n in refused])
-            for n, reply in zip(refused, again, strict=True):
-                replies[n] = reply
-        return replies
-
-    async def _evalsha_pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        pipe: Pipeline | ClusterPipeline
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for script, script_keys, args in calls:
-                # Not pipe.evalsha(), which redis-py refuses in a cluster pipeline; the
-                # command itself is routed by its keys like any other.
-                pipe.execute_command("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
-
     async def fire_due_timers(self, limit: int = 200) -> int:
         """Fire every due timer this node can claim; returns how many it fired.
 
@@ -623,7 +628,9 @@ class PresenceStore:
         buckets = keys.timer_buckets()
         groups = [[bucket] for bucket in buckets] if self.cluster else [buckets]
         try:
-            replies = await self._run_scripts([(self._claim, group, args) for group in groups])
+            replies = await run_scripts(
+                self.redis, [(self._claim, group, args) for group in groups]
+            )
         except RedisError as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         users = [
