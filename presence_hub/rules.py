@@ -308,16 +308,16 @@ def apply(state: UserState, event: Input, now: float) -> Outcome:
     view = _next_view(new, tracker)
     if view is not None:
         new = replace(new, view=view)
-    changed_self = new != state and _self_content(new) != _self_content(state)
-    if changed_self:
-        new = replace(new, self_ver=state.self_ver + 1)
-    return Outcome(
-        state=new,
-        view=view,
-        self_view=self_view(new) if changed_self else None,
-        due=_next_due(new, now),
-        result=result,
-    )
+    own = None
+    if new != state:
+        # Both at the old self_ver: equal unless what the user sees of themselves changed.
+        own = self_view(new)
+        if own == self_view(state):
+            own = None
+        else:
+            new = replace(new, self_ver=state.self_ver + 1)
+            own = replace(own, ver=new.self_ver)
+    return Outcome(state=new, view=view, self_view=own, due=_next_due(new, now), result=result)
 
 
 class _StatusTracker:
@@ -345,10 +345,6 @@ def _next_view(state: UserState, tracker: _StatusTracker) -> View | None:
     # A status that changed and changed back within one step keeps its old since.
     since = old.since if status == old.status else tracker.since
     return View(status=status, message=message, since=since, ver=old.ver + 1)
-
-
-def _self_content(state: UserState) -> SelfView:
-    return replace(self_view(state), ver=0)
 
 
 def _is_idle(auto_away_after: float | None, last_activity: float | None, now: float) -> bool:
