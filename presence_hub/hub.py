@@ -54,9 +54,9 @@ log = logging.getLogger(__name__)
 #: Items per ``presences`` frame, so a coalesced backlog never makes one huge frame.
 BATCH: Final = 500
 SUBSCRIBE_CHUNK: Final = 1000
-#: A flush that takes longer (it wrote to about 1,500 sockets or more) means the node
-#: is saturated: the next one waits twice as long as this one took.
-SATURATED_FLUSH: Final = 0.01
+#: Updates per socket per flush, had no flush been held back, from which the node is
+#: behind: its flushes are then spaced out.
+BEHIND: Final = 2.0
 
 
 class Update:
@@ -99,11 +99,20 @@ class Flusher:
 
     The ``send()`` is the largest single cost of a delivery (``bench/bench.py floor``),
     so a socket given several updates in one pass (a busy node reads many published
-    updates per pass) pays for one; an idle node adds one pass of delay. A saturated
-    node spaces its flushes out, so that each ``send()`` carries more updates.
+    updates per pass) pays for one; an idle node adds one pass of delay. A node that
+    falls behind spaces its flushes out, so that each ``send()`` carries more updates.
     """
 
-    __slots__ = ("_coalesced", "_due", "_metrics", "_not_before", "_origins", "_queued")
+    __slots__ = (
+        "_coalesced",
+        "_due",
+        "_held",
+        "_last_end",
+        "_metrics",
+        "_not_before",
+        "_origins",
+        "_queued",
+    )
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -113,8 +122,11 @@ class Flusher:
         self._due = False
         #: Updates replaced by a newer one of the same user before their write.
         self._coalesced = 0
-        #: Loop time before which the next flush does not run.
+        #: Loop time before which the next flush does not run, how long that holds it
+        #: back after the last one, and when the last one ended.
         self._not_before = 0.0
+        self._held = 0.0
+        self._last_end = 0.0
 
     def add(self, conn: Connection) -> None:
         self._queued.append(conn)
@@ -158,14 +170,19 @@ class Flusher:
         if self._coalesced:
             self._metrics.coalesced.inc(self._coalesced)
             self._coalesced = 0
-        # After a flush that wrote to thousands of sockets (a saturated node, whose
-        # latency is long already), the next one waits twice as long as this one took:
-        # each send() then carries more updates, and taking changes in gets two thirds of
-        # the time. Below that a wait would only add latency, since a socket rarely has
-        # more than one update per flush.
+        # A node that is behind (its sockets get several updates between two flushes
+        # even without holding any back) spaces its flushes out: the next waits twice as
+        # long as this one took, so that each send() carries more updates and taking
+        # changes in keeps two thirds of the time. Whether it is behind is judged on the
+        # part of the interval that was not held back, so a node that catches up stops
+        # waiting at once; one that keeps up never waits.
         finished = loop.time()
-        took = finished - started
-        self._not_before = finished + 2 * took if took > SATURATED_FLUSH else 0.0
+        interval = finished - self._last_end
+        unheld = 1.0 - self._held / interval if interval > 0 else 1.0
+        behind = bool(queued) and written / len(queued) * unheld >= BEHIND
+        self._held = 2 * (finished - started) if behind else 0.0
+        self._not_before = finished + self._held
+        self._last_end = finished
         # One observation per update, not per socket: they were all written just now.
         now = time.time()
         for origin in origins:
