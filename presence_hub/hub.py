@@ -171,16 +171,16 @@ class Flusher:
             self._metrics.coalesced.inc(self._coalesced)
             self._coalesced = 0
         # A node that is behind (its sockets get several updates between two flushes
-        # even without holding any back) spaces its flushes out: the next waits twice as
-        # long as this one took, so that each send() carries more updates and taking
-        # changes in keeps two thirds of the time. Whether it is behind is judged on the
+        # even without holding any back) spaces its flushes out: the next waits three
+        # times as long as this one took, so that each send() carries more updates and
+        # taking changes in keeps three quarters of the time. Whether it is behind is judged on the
         # part of the interval that was not held back, so a node that catches up stops
         # waiting at once; one that keeps up never waits.
         finished = loop.time()
         interval = finished - self._last_end
         unheld = 1.0 - self._held / interval if interval > 0 else 1.0
         behind = bool(queued) and written / len(queued) * unheld >= BEHIND
-        self._held = 2 * (finished - started) if behind else 0.0
+        self._held = 3 * (finished - started) if behind else 0.0
         self._not_before = finished + self._held
         self._last_end = finished
         # One observation per update, not per socket: they were all written just now.
