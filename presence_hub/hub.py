@@ -258,19 +258,25 @@ class Connection:
         #: Closes the socket with 1008 when the token expires; an ``auth`` frame moves it.
         self.expiry: asyncio.TimerHandle | None = None
 
-    def offer(self, user: UserId, update: Update) -> None:
-        """Hand the socket an update of a user it watches, unless it has a newer one."""
-        known = self.watching.get(user)
-        if known is None or update.ver <= known:
-            return
-        self.watching[user] = update.ver
-        pending = self._pending
-        if user in pending:
-            self.coalesced += 1
-            self.flusher.coalesce()
-        pending[user] = update
-        if not self._scheduled:
-            self._schedule()
+    @staticmethod
+    def offer(conns: Iterable[Connection], user: UserId, update: Update) -> None:
+        """Hand each socket an update of a user it watches, unless it has a newer one.
+
+        One call for all of a user's watchers, not one per socket: at saturation this
+        loop runs 150,000 times a second and a call per socket was a tenth of it."""
+        ver = update.ver
+        for conn in conns:
+            known = conn.watching.get(user)
+            if known is None or ver <= known:
+                continue
+            conn.watching[user] = ver
+            pending = conn._pending
+            if user in pending:
+                conn.coalesced += 1
+                conn.flusher.coalesce()
+            pending[user] = update
+            if not conn._scheduled:
+                conn._schedule()
 
     def offer_self(self, update: Update) -> None:
         if update.ver <= self.self_ver:
@@ -731,8 +737,7 @@ class Hub:
             if watchers:
                 update = Update.published(data)
                 user = UserId(sys.intern(update.map["user"]))
-                for conn in watchers:
-                    conn.offer(user, update)
+                Connection.offer(watchers, user, update)
                 if update.origin is not None:
                     self.flusher.arrived(update.origin)
         elif channel.endswith(":s"):
@@ -759,8 +764,8 @@ class Hub:
                 for user, view in zip(users, views, strict=True):
                     frame = codec.presence_frame(user, view)
                     update = Update(codec.pack(frame), frame)
-                    for conn in self._watchers.get(keys.presence_channel(tenant, user), ()):
-                        conn.offer(user, update)
+                    channel = keys.presence_channel(tenant, user)
+                    Connection.offer(self._watchers.get(channel, ()), user, update)
             for channel, owners in list(self._owners.items()):
                 tenant, user = keys.channel_member(channel)
                 state = await self.store.load(tenant, user)
