@@ -3,12 +3,13 @@
 The node listens on Redis only for the users that its own sockets watch (a
 channel is subscribed with its first watcher and released with its last).
 Each update is decoded once and framed at most once per frame format, then
-handed to every local watcher without waiting for any socket: the frame goes
-straight to each idle socket's transport, and a socket that cannot take it
-keeps at most one pending update per user (the newest ``ver`` wins), written by
-a task of its own once the socket drains. A slow socket delays nobody else and
-its backlog is bounded by its subscription count; one whose writes stall longer
-than ``send_timeout`` is closed with 1013.
+handed to every local watcher without waiting for any socket: a socket keeps at
+most one pending update per user (the newest ``ver`` wins), and the flusher
+writes each socket's pending updates in one ``send()`` at the end of the pass.
+A socket that cannot take them gets a writer task of its own that writes them
+once it drains. A slow socket delays nobody else and its backlog is bounded by
+its subscription count; one whose writes stall longer than ``send_timeout`` is
+closed with 1013.
 
 On a Redis Cluster the node listens with sharded pub/sub, one connection per
 master that owns a watched user. When a listening connection drops, or a slot
@@ -173,9 +174,9 @@ class Flusher:
         # A node that is behind (its sockets get several updates between two flushes
         # even without holding any back) spaces its flushes out: the next waits three
         # times as long as this one took, so that each send() carries more updates and
-        # taking changes in keeps three quarters of the time. Whether it is behind is judged on the
-        # part of the interval that was not held back, so a node that catches up stops
-        # waiting at once; one that keeps up never waits.
+        # taking changes in keeps three quarters of the time. Whether it is behind is
+        # judged on the part of the interval that was not held back, so a node that
+        # catches up stops waiting at once; one that keeps up never waits.
         finished = loop.time()
         interval = finished - self._last_end
         unheld = 1.0 - self._held / interval if interval > 0 else 1.0
