@@ -14,7 +14,8 @@
 
 Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures
-and writes them to bench/results/SCENARIO.json.
+and writes them to bench/results/SCENARIO.json. ``--repeat N`` runs it N times
+(a shared machine's figures vary from run to run; the docs give their spread).
 """
 
 from __future__ import annotations
@@ -365,55 +366,70 @@ def micro(count: int = 20000) -> dict[str, Any]:
     }
 
 
+def run(scenario: str) -> Any:
+    if scenario == "fanout":
+        return fanout([500, 1000, 2000, 4000, 6000])
+    if scenario == "latency":
+        return fanout([1000])
+    if scenario == "cores":
+        return {"workers_1": fanout([1000]), "workers_2": fanout([1000], workers=2)}
+    if scenario == "nodes":
+        return nodes()
+    if scenario == "floor":
+        return send_floor()
+    if scenario == "micro":
+        return micro()
+    if scenario == "ingest":
+        return ingest()
+    if scenario == "connect":
+        with hub() as (ws, http, procs):
+            args = ["--clients", "10000", "--contacts", "50", "--rate", "0"]
+            args += ["--duration", "1", "--workers", "2", "--settle", "0"]
+            return summary(loadtest(ws, http, procs, *args))
+    return idle()
+
+
+def ingest() -> dict[str, Any]:
+    with hub() as (ws, http, procs):
+        result = {}
+        runs: list[tuple[str, Callable[[], Coroutine[Any, Any, float]]]] = [
+            ("http", lambda: ingest_http(http)),
+            ("ws", lambda: ingest_ws(ws)),
+        ]
+        for name, load in runs:
+            cpu, own, started = cpu_seconds(procs), time.process_time(), time.time()
+            rate = asyncio.run(load())
+            used = cpu_seconds(procs) - cpu
+            result[f"{name}_load_generator_cpu_share"] = round(
+                (time.process_time() - own) / (time.time() - started), 2
+            )
+            result[f"{name}_events_per_second"] = round(rate, 1)
+            result[f"{name}_hub_cpu_share"] = round(used / (time.time() - started), 2)
+            result[f"{name}_hub_cpu_us_per_event"] = round(
+                used / (rate * (time.time() - started)) * 1e6, 1
+            )
+        return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument(
-        "scenario",
-        choices=SCENARIOS,
+        "--repeat",
+        type=int,
+        default=1,
+        choices=range(1, 11),
+        metavar="N",
+        help="run the scenario N times (1-10); the JSON then holds every run, in order",
     )
     opts = parser.parse_args()
-    result: Any
-    if opts.scenario == "fanout":
-        result = fanout([500, 1000, 2000, 4000, 6000])
-    elif opts.scenario == "latency":
-        result = fanout([1000])
-    elif opts.scenario == "cores":
-        result = {"workers_1": fanout([1000]), "workers_2": fanout([1000], workers=2)}
-    elif opts.scenario == "nodes":
-        result = nodes()
-    elif opts.scenario == "floor":
-        result = send_floor()
-    elif opts.scenario == "micro":
-        result = micro()
-    elif opts.scenario == "ingest":
-        with hub() as (ws, http, procs):
-            result = {}
-            runs: list[tuple[str, Callable[[], Coroutine[Any, Any, float]]]] = [
-                ("http", lambda: ingest_http(http)),
-                ("ws", lambda: ingest_ws(ws)),
-            ]
-            for name, run in runs:
-                cpu, own, started = cpu_seconds(procs), time.process_time(), time.time()
-                rate = asyncio.run(run())
-                used = cpu_seconds(procs) - cpu
-                result[f"{name}_load_generator_cpu_share"] = round(
-                    (time.process_time() - own) / (time.time() - started), 2
-                )
-                result[f"{name}_events_per_second"] = round(rate, 1)
-                result[f"{name}_hub_cpu_share"] = round(used / (time.time() - started), 2)
-                result[f"{name}_hub_cpu_us_per_event"] = round(
-                    used / (rate * (time.time() - started)) * 1e6, 1
-                )
-    elif opts.scenario == "connect":
-        with hub() as (ws, http, procs):
-            args = ["--clients", "10000", "--contacts", "50", "--rate", "0"]
-            args += ["--duration", "1", "--workers", "2", "--settle", "0"]
-            result = summary(loadtest(ws, http, procs, *args))
-    else:
-        result = idle()
-    print(json.dumps(result, indent=2))
+    results = []
+    for _ in range(opts.repeat):
+        results.append(run(opts.scenario))
+        print(json.dumps(results[-1], indent=2), flush=True)
+    result = results[0] if opts.repeat == 1 else results
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{opts.scenario}.json").write_text(json.dumps(result, indent=2) + "\n")
 
