@@ -334,6 +334,23 @@ async def test_a_batch_sees_what_another_node_wrote_since_this_one_last_committe
     assert sorted((await PresenceStore(redis).load(ACME, ALICE)).calls) == ["c2"]
 
 
+async def test_concurrent_batches_on_the_same_users_apply_every_event_once(
+    store: PresenceStore, redis: Redis, clock: Clock
+) -> None:
+    users = [UserId(f"u{n}") for n in range(20)]
+    batches: list[list[tuple[UserId, Input, str]]] = [
+        [(user, CallStarted(f"c{b}-{user}", at=clock.now), f"e{b}-{user}") for user in users]
+        for b in range(5)
+    ]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(store.apply_events(ACME, batch) for batch in batches)), timeout(10)
+    )
+    assert results == [["applied"] * len(users)] * len(batches)
+    for user in users:
+        state = await PresenceStore(redis).load(ACME, user)
+        assert sorted(state.calls) == sorted(f"c{b}-{user}" for b in range(5))
+
+
 def test_two_embedded_redis_servers_never_share_a_data_directory(tmp_path: Any) -> None:
     with (
         EmbeddedRedis(tmp_path / "data"),

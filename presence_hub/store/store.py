@@ -319,6 +319,8 @@ class PresenceStore:
         # commit; the commit's revision check catches any copy another writer made stale.
         self._cache: OrderedDict[str, tuple[int, UserState]] = OrderedDict()
         self._cache_size = cache_size
+        #: State key -> the commit of a batch of this node still on its way for that user.
+        self._committing: dict[str, asyncio.Future[None]] = {}
         self._commit = register_script(redis, "commit.lua")
         self._claim = register_script(redis, "claim_timers.lua")
         self._views = register_script(redis, "views.lua")
@@ -507,6 +509,12 @@ class PresenceStore:
         for n, (user, _, _) in enumerate(batch):
             by_user.setdefault(user, []).append(n)
         event_keys = [keys.event_key(tenant, user, eid) for user, _, eid in batch]
+        # A batch that reads a user whose commit by another batch of this node is still
+        # on its way would compute from the older state and conflict: wait for it.
+        state_keys = [keys.state_key(tenant, user) for user in by_user]
+        committing = {f for k in state_keys if (f := self._committing.get(k)) is not None}
+        if committing:
+            await asyncio.wait(committing)
         reads, seen = await self._read_batch(tenant, by_user, event_keys)
 
         now = self._clock()
@@ -542,12 +550,24 @@ class PresenceStore:
             )
             commits.append((user, fresh, folded, call))
 
-        committed = await run_scripts(
-            self.redis, [(self._commit, k, a) for _, _, _, (k, a) in commits]
-        )
-        for (user, fresh, folded, _), result in zip(commits, committed, strict=True):
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        mine = [keys.state_key(tenant, user) for user, _, _, _ in commits]
+        for key in mine:
+            self._committing[key] = done
+        try:
+            committed = await run_scripts(
+                self.redis, [(self._commit, k, a) for _, _, _, (k, a) in commits]
+            )
+            for (user, _, folded, _), result in zip(commits, committed, strict=True):
+                if isinstance(result, int) and result >= 0:
+                    self._remember(keys.state_key(tenant, user), result, folded)
+        finally:
+            for key in mine:
+                if self._committing.get(key) is done:
+                    del self._committing[key]
+            done.set_result(None)
+        for (user, fresh, _, _), result in zip(commits, committed, strict=True):
             if isinstance(result, int) and result >= 0:
-                self._remember(keys.state_key(tenant, user), result, folded)
                 continue
             # Another writer came first: one transition per event, re-reading each time.
             for n in fresh:
