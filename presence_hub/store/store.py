@@ -493,10 +493,12 @@ class PresenceStore:
     ) -> list[EventResult]:
         """Apply a batch of producer events (user, input, event id), each user's in order.
 
-        One script call reads every user and event id, the rules fold each
-        user's events together, and a second round trip commits every user. A user
-        whose commit meets another writer falls back to one transition per event.
-        Observers get one update per user with the final state (coalesced)."""
+        One script call reads the users whose state this node does not hold and their
+        event ids, the rules fold each user's events together, and one pipeline
+        commits every user. Batches of this node that share users go one after the
+        other. A user whose commit meets another writer, or an event seen before,
+        falls back to one transition per event. Observers get one update per user
+        with the final state (coalesced)."""
         try:
             return await self._apply_events(tenant, batch, origin)
         except RedisError as exc:
@@ -511,20 +513,54 @@ class PresenceStore:
         by_user: dict[UserId, list[int]] = {}
         for n, (user, _, _) in enumerate(batch):
             by_user.setdefault(user, []).append(n)
-        event_keys = [keys.event_key(tenant, user, eid) for user, _, eid in batch]
-        # A batch that reads a user whose commit by another batch of this node is still
-        # on its way would compute from the older state and conflict: wait for it.
+        # Batches of this node that share users go one after the other: one that read a
+        # user while another had that user's commit still to come would compute from the
+        # older state and conflict.
         state_keys = [keys.state_key(tenant, user) for user in by_user]
-        committing = {f for k in state_keys if (f := self._committing.get(k)) is not None}
-        if committing:
-            await asyncio.wait(committing)
-        reads, seen = await self._read_batch(tenant, by_user, event_keys)
+        earlier = {f for k in state_keys if (f := self._committing.get(k)) is not None}
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for key in state_keys:
+            self._committing[key] = done
+        try:
+            if earlier:
+                await asyncio.wait(earlier)
+            return await self._fold_and_commit(tenant, batch, origin, by_user)
+        finally:
+            for key in state_keys:
+                if self._committing.get(key) is done:
+                    del self._committing[key]
+            done.set_result(None)
+
+    async def _fold_and_commit(
+        self,
+        tenant: TenantId,
+        batch: Sequence[tuple[UserId, rules.Input, str]],
+        origin: float | None,
+        by_user: dict[UserId, list[int]],
+    ) -> list[EventResult]:
+        event_keys = [keys.event_key(tenant, user, eid) for user, _, eid in batch]
+        # The states this node committed last are used as they are, unread (no batch of
+        # this node can have changed them since): the commit's revision check catches
+        # another writer and its event check a repeated event, and either sends that
+        # user's events one by one through the reading path.
+        states: dict[UserId, tuple[int, UserState]] = {}
+        unread: dict[UserId, list[int]] = {}
+        for user, indices in by_user.items():
+            held = self._cache.get(keys.state_key(tenant, user))
+            if held is None:
+                unread[user] = indices
+            else:
+                states[user] = held
+        seen = [False] * len(batch)
+        if unread:
+            states.update(await self._read_batch(tenant, unread, event_keys, seen))
 
         now = self._clock()
         sent_at = now if origin is None else origin
         results: list[EventResult] = ["duplicate"] * len(batch)
         commits: list[tuple[UserId, list[int], UserState, tuple[list[str], list[Any]]]] = []
-        for (user, indices), (rev, state) in zip(by_user.items(), reads, strict=True):
+        for user, indices in by_user.items():
+            rev, state = states[user]
             folded, outcome, view, own, fresh = state, None, None, None, []
             ids: set[str] = set()
             for n in indices:
@@ -553,24 +589,12 @@ class PresenceStore:
             )
             commits.append((user, fresh, folded, call))
 
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        mine = [keys.state_key(tenant, user) for user, _, _, _ in commits]
-        for key in mine:
-            self._committing[key] = done
-        try:
-            committed = await run_scripts(
-                self.redis, [(self._commit, k, a) for _, _, _, (k, a) in commits]
-            )
-            for (user, _, folded, _), result in zip(commits, committed, strict=True):
-                if isinstance(result, int) and result >= 0:
-                    self._remember(keys.state_key(tenant, user), result, folded)
-        finally:
-            for key in mine:
-                if self._committing.get(key) is done:
-                    del self._committing[key]
-            done.set_result(None)
-        for (user, fresh, _, _), result in zip(commits, committed, strict=True):
+        committed = await run_scripts(
+            self.redis, [(self._commit, k, a) for _, _, _, (k, a) in commits]
+        )
+        for (user, fresh, folded, _), result in zip(commits, committed, strict=True):
             if isinstance(result, int) and result >= 0:
+                self._remember(keys.state_key(tenant, user), result, folded)
                 continue
             # Another writer came first: one transition per event, re-reading each time.
             for n in fresh:
@@ -579,31 +603,28 @@ class PresenceStore:
         return results
 
     async def _read_batch(
-        self, tenant: TenantId, by_user: dict[UserId, list[int]], event_keys: list[str]
-    ) -> tuple[list[tuple[int, UserState]], list[bool]]:
-        """Each user's revision and state, and whether each event key was seen: one
-        script call, or one per partition on a cluster (a script's keys share a slot).
-        A state this node committed last is not sent again, nor decoded."""
+        self,
+        tenant: TenantId,
+        by_user: dict[UserId, list[int]],
+        event_keys: list[str],
+        seen: list[bool],
+    ) -> dict[UserId, tuple[int, UserState]]:
+        """Each user's revision and state, and in ``seen`` whether each of their event
+        keys was seen: one script call, or one per partition on a cluster (a script's
+        keys share a slot)."""
         groups: dict[int, list[UserId]] = {}
         for user in by_user:
             groups.setdefault(keys.partition(tenant, user) if self.cluster else 0, []).append(user)
         events = [[n for user in users for n in by_user[user]] for users in groups.values()]
-        cache = self._cache
-        known = {
-            user: cached
-            for user in by_user
-            if (cached := cache.get(keys.state_key(tenant, user))) is not None
-        }
         calls: list[ScriptCall] = [
             (
                 self._read_many,
                 [keys.state_key(tenant, u) for u in users] + [event_keys[n] for n in group],
-                [len(users), *(str(known[u][0]) if u in known else "" for u in users)],
+                [len(users)],
             )
             for users, group in zip(groups.values(), events, strict=True)
         ]
         states: dict[UserId, tuple[int, UserState]] = {}
-        seen = [False] * len(event_keys)
         replies = await run_scripts(self.redis, calls)
         for users, group, reply in zip(groups.values(), events, replies, strict=True):
             values = _raise_error(reply)
@@ -611,13 +632,11 @@ class PresenceStore:
                 raw_rev, blob = values[2 * i], values[2 * i + 1]
                 if raw_rev is None or blob is None:
                     states[user] = (0, UserState())
-                elif blob == 1:
-                    states[user] = known[user]
                 else:
                     states[user] = (int(raw_rev), decode_state(blob))
             for n, flag in zip(group, values[2 * len(users) :], strict=True):
                 seen[n] = bool(flag)
-        return [states[user] for user in by_user], seen
+        return states
 
     def _remember(self, state_key: str, rev: int, state: UserState) -> None:
         cache = self._cache
@@ -633,7 +652,7 @@ class PresenceStore:
         in the pipeline of the pass (a connect storm reads thousands of users)."""
         state_key = keys.state_key(tenant, user)
         extra = [event_key] if event_key is not None else []
-        values = await self._batched((self._read_many, [state_key, *extra], [1, ""]))
+        values = await self._batched((self._read_many, [state_key, *extra], [1]))
         rev, blob = values[0], values[1]
         seen = bool(extra) and bool(values[2])
         if rev is None or blob is None:
