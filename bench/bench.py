@@ -10,7 +10,8 @@
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
     bench/bench.py floor       the kernel's CPU cost of one loopback send(), without any hub
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
-                               state, packing a commit command (redis-py's packer and hiredis')
+                               state, packing a commit command (redis-py's packer and hiredis'),
+                               packing a state and decoding a stored view (msgpack and msgspec)
 
 Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures
@@ -329,9 +330,11 @@ def send_floor(sockets: int = 5000, rounds: int = 20, frame: int = 150) -> dict[
 
 def micro(count: int = 20000) -> dict[str, Any]:
     """Microseconds per call of the pieces every event goes through, in this process."""
+    import msgpack
+    import msgspec
     from redis.asyncio.connection import Connection
 
-    from presence_hub import rules
+    from presence_hub import codec, rules
     from presence_hub.ids import SessionId
     from presence_hub.store.serde import decode_state, encode_state
     from presence_hub.store.store import open_redis
@@ -343,6 +346,13 @@ def micro(count: int = 20000) -> dict[str, Any]:
     state = rules.apply(state, rules.CallStarted("c0", now), now).state
     events = [rules.CallStarted("c1", now), rules.CallEnded("c1", now)]
     blob = encode_state(state)
+    state_map = msgpack.unpackb(blob)
+    frame = codec.pack(codec.presence_frame("u1", state.view))
+    decode_view = msgspec.msgpack.Decoder(rules.View).decode
+
+    def _view_by_hand(p: dict[str, Any]) -> rules.View:
+        return rules.View(status=p["status"], message=p["message"], since=p["since"], ver=p["ver"])
+
     commit = (
         "EVALSHA", "a" * 40, 3, "ph:{p1f}:acme:u1", "ph:{p1f}:acme:u1:ev:e1", "ph:{p1f}:timers",
         7, b"x" * 200, b"y" * 150, b"z" * 100, "acme:u1", repr(now + 60), "ph:{p1f}:acme:u1:p",
@@ -363,6 +373,10 @@ def micro(count: int = 20000) -> dict[str, Any]:
         "decode_state_us": per_call(lambda n: decode_state(blob)),
         "pack_commit_redis_py_us": per_call(lambda n: python_packing.pack_command(*commit)),
         "pack_commit_hiredis_us": per_call(lambda n: packing.pack_command(*commit)),
+        "pack_state_msgpack_us": per_call(lambda n: msgpack.packb(state_map)),
+        "pack_state_msgspec_us": per_call(lambda n: codec.pack(state_map)),
+        "decode_view_msgpack_us": per_call(lambda n: _view_by_hand(msgpack.unpackb(frame))),
+        "decode_view_msgspec_us": per_call(lambda n: decode_view(frame)),
     }
 
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self._sent: dict[str, Counter] = {}
-        self._received: dict[str, Counter] = {}
-        self._store_ops: dict[str, Histogram] = {}
-        self._events: dict[tuple[str, str], Counter] = {}
+        #: (metric, label values) -> its child: labels() takes a lock and builds a tuple
+        #: on every call, and these are counted per frame, event and change.
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge(
@@ -74,30 +77,26 @@ class Metrics:
         )
 
     def sent(self, kind: str) -> Counter:
-        """The frames_out counter of one frame type (children cached: this is a hot path)."""
-        child = self._sent.get(kind)
-        if child is None:
-            child = self._sent[kind] = self.frames_out.labels(kind)
-        return child
+        """The frames_out counter of one frame type."""
+        return self._child(self.frames_out, kind)
 
     def received(self, kind: str) -> Counter:
-        child = self._received.get(kind)
-        if child is None:
-            child = self._received[kind] = self.frames_in.labels(kind)
-        return child
+        """The frames_in counter of one frame type."""
+        return self._child(self.frames_in, kind)
 
     def event(self, kind: str, result: str) -> Counter:
-        """The events counter of one kind and result (cached: every event counts)."""
-        child = self._events.get((kind, result))
-        if child is None:
-            child = self._events[kind, result] = self.events.labels(kind, result)
-        return child
+        """The events counter of one kind and result."""
+        return self._child(self.events, kind, result)
 
     def store_op(self, op: str) -> Histogram:
-        """The store_seconds histogram of one operation (cached: every change uses one)."""
-        child = self._store_ops.get(op)
+        """The store_seconds histogram of one operation."""
+        return self._child(self.store_seconds, op)
+
+    def _child(self, metric: _Metric, *labels: str) -> _Metric:
+        key = (id(metric), *labels)
+        child: _Metric | None = self._children.get(key)
         if child is None:
-            child = self._store_ops[op] = self.store_seconds.labels(op)
+            child = self._children[key] = metric.labels(*labels)
         return child
 
     def exposition(self) -> bytes:

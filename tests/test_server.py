@@ -557,9 +557,15 @@ async def test_a_corrupt_record_is_an_internal_error_for_that_request_only(
 async def test_a_half_open_connection_is_found_by_keepalive(start_node: StartNode) -> None:
     node = await start_node(keepalive=0.3, grace=0.5)
     bob = await Client.connect(ws_url(node), make_token("bob"))
+    # A client that answers its pings, connected through all the rounds below.
+    carol = await Client.connect(ws_url(node), make_token("carol"))
     await bob.request({"type": "subscribe", "users": ["ghost"]})
     # A client that vanished without a FIN: it never answers a ping again.
     ghost = await stalled_client(ws_url(node), make_token("ghost"), [])
     await bob.presence("ghost", status="available")
     await bob.presence("ghost", status="offline")
+    # Only the dead one was closed.
+    snapshot = await bob.request({"type": "query", "users": ["carol"]})
+    assert snapshot["presences"][0]["status"] == "available"
+    assert (await carol.request({"type": "set_status", "status": "busy"}))["type"] == "ok"
     ghost.transport.abort()
