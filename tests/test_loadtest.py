@@ -39,7 +39,9 @@ async def test_a_short_load_run_is_complete_and_reported(
     assert result["errors"] == {}
     assert result["contact_views_checked"] == 600
     assert result["contact_views_stale"] == 0
-    assert result["changes_sent"] >= 100
+    # 100 changes/s for 2 s, as they fall due: neither short nor over (2 workers may
+    # each send one at the last moment).
+    assert 150 <= result["changes_sent"] <= 202
     assert result["deliveries"] > 0
     assert result["latency_ms"]["samples"] > 0
     # And the hub's own view of that latency, read from its /metrics.
