@@ -15,7 +15,7 @@ from presence_hub import codec, rules
 from presence_hub.auth import Claims, Role, verify_token
 from presence_hub.errors import AuthError, StoreError
 from presence_hub.events import apply_events
-from presence_hub.ids import UserId, is_valid_id
+from presence_hub.ids import UserId, are_valid_ids, is_valid_id
 
 if TYPE_CHECKING:
     from presence_hub.server import Node
@@ -98,7 +98,7 @@ async def get_presence(request: web.Request) -> web.Response:
     claims = _authorize(request, ("producer", "admin"))
     node = request.app[NODE]
     users = [u for u in request.query.get("users", "").split(",") if u]
-    if not users or not all(is_valid_id(u) for u in users):
+    if not users or not are_valid_ids(users):
         return _error(400, "users must be a comma-separated list of user ids")
     if len(users) > MAX_EVENTS:
         return _error(400, f"at most {MAX_EVENTS} users in a request")

@@ -10,13 +10,13 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Literal, TypeAlias
+from typing import Any, ClassVar, Final, Literal, TypeAlias, cast
 
 import msgpack
 import msgspec
 
 from presence_hub.errors import FrameError
-from presence_hub.ids import UserId, is_valid_id
+from presence_hub.ids import UserId, are_valid_ids, is_valid_id
 from presence_hub.rules import MANUAL_STATUSES, Manual, SelfView, View
 
 __all__ = [
@@ -53,6 +53,8 @@ MAX_MESSAGE_LENGTH: Final = 280
 #: MessagePack encoding: the same bytes as ``msgpack.packb``, in a third of the time
 #: (a change packs its state and its frames several times over).
 pack: Final = msgspec.msgpack.Encoder().encode
+#: Decoding trusted MessagePack (what this hub published): half the time of ``msgpack.unpackb``.
+unpack: Final = msgspec.msgpack.Decoder().decode
 RequestId: TypeAlias = int | str | None
 
 
@@ -249,9 +251,9 @@ def _optional_number(frame: Mapping[str, Any], field: str) -> float | None:
 
 def _users(frame: Mapping[str, Any]) -> list[UserId]:
     users = frame.get("users")
-    if not isinstance(users, list) or not all(is_valid_id(u) for u in users):
+    if not isinstance(users, list) or not are_valid_ids(users):
         raise FrameError("bad_request", "users must be a list of user ids")
-    return [UserId(u) for u in users]
+    return cast(list[UserId], users)
 
 
 # --- Frames to clients ---------------------------------------------------------------

@@ -29,7 +29,6 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-import msgpack
 from redis.asyncio import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -76,8 +75,8 @@ class Update:
 
     @classmethod
     def published(cls, data: bytes) -> Update:
-        origin, raw = msgpack.unpackb(data)
-        return cls(raw, msgpack.unpackb(raw), origin)
+        origin, raw = codec.unpack(data)
+        return cls(raw, codec.unpack(raw), origin)
 
     def framed(self, fmt: Format) -> bytes:
         """The whole WebSocket frame: binary for msgpack, text for json."""
@@ -508,7 +507,10 @@ class Hub:
         self._redis = listen_redis
         self._sharded = isinstance(listen_redis, RedisCluster)
         #: presence channel -> local connections watching that user
-        self._watchers: dict[str, set[Connection]] = defaultdict(set)
+        self._watchers: dict[str, set[Connection]] = {}
+        #: tenant -> watched user -> (the user id, interned; its channel; the same set
+        #: of connections as in ``_watchers``)
+        self._watched: dict[TenantId, dict[UserId, tuple[UserId, str, set[Connection]]]] = {}
         #: self channel -> local connections of that user
         self._owners: dict[str, set[Connection]] = defaultdict(set)
         self._confirmed: dict[str, asyncio.Future[None]] = {}
@@ -529,36 +531,53 @@ class Hub:
     async def watch(self, conn: Connection, users: Iterable[UserId]) -> None:
         """Listen for ``users`` on conn's behalf; returns once Redis confirmed the subscription."""
         self._check_listening()
-        new, waits = [], []
+        watching, confirmed = conn.watching, self._confirmed
+        watched = self._watched.setdefault(conn.tenant, {})
+        new: list[str] = []
+        waits: list[asyncio.Future[None]] = []
+        # Fifty users per subscribing socket: a connect storm runs this loop half a
+        # million times, mostly for users watched already, which cost one lookup.
         for user in users:
-            # Interned, as are the user ids of published updates: the fan-out looks each
-            # update's user up in every watcher's map, and equal ids that are one object
-            # compare at once.
-            user = UserId(sys.intern(user))
-            conn.watching.setdefault(user, -1)
-            channel = keys.presence_channel(conn.tenant, user)
-            watchers = self._watchers[channel]
-            if not watchers:
+            entry = watched.get(user)
+            if entry is None:
+                # Interned, as are the user ids of published updates: the fan-out looks
+                # each update's user up in every watcher's map, and equal ids that are
+                # one object compare at once.
+                user = UserId(sys.intern(user))
+                channel = keys.presence_channel(conn.tenant, user)
+                conns = {conn}
+                watched[user] = (user, channel, conns)
+                self._watchers[channel] = conns
                 new.append(channel)
-            elif channel in self._confirmed:
-                waits.append(self._confirmed[channel])
-            watchers.add(conn)
+            else:
+                user, channel, conns = entry
+                if channel in confirmed:
+                    waits.append(confirmed[channel])
+                conns.add(conn)
+            if user not in watching:
+                watching[user] = -1
         self.metrics.subscriptions.set(len(self._watchers))
-        await self._subscribe(new, waits)
+        if new or waits:
+            await self._subscribe(new, waits)
 
     def unwatch(self, conn: Connection, users: Iterable[UserId]) -> None:
+        watching = conn.watching
+        watched = self._watched.get(conn.tenant, {})
         gone = []
         for user in users:
-            if conn.watching.pop(user, None) is None:
+            if watching.pop(user, None) is None:
                 continue
-            channel = keys.presence_channel(conn.tenant, user)
-            watchers = self._watchers.get(channel)
-            if watchers is None:
+            entry = watched.get(user)
+            if entry is None:
                 continue
-            watchers.discard(conn)
-            if not watchers:
+            _, channel, conns = entry
+            conns.discard(conn)
+            if not conns:
+                del watched[user]
                 del self._watchers[channel]
                 gone.append(channel)
+        if not watched:
+            self._watched.pop(conn.tenant, None)
         self.metrics.subscriptions.set(len(self._watchers))
         self._unsubscribe(gone)
 
@@ -601,7 +620,11 @@ class Hub:
                 for shard, group in self._by_shard(channels).items():
                     shard.subscribe(group)
         if waits:
-            await asyncio.wait_for(asyncio.gather(*waits), 30)
+            # Not gather(): a confirmation is shared by every socket waiting for that
+            # channel, and one waiter's timeout or cancellation must not cancel it.
+            _, pending = await asyncio.wait(waits, timeout=30)
+            if pending:
+                raise TimeoutError("Redis did not confirm a subscription in 30 s")
 
     def _unsubscribe(self, channels: list[str]) -> None:
         if not channels or not self._ready.is_set():

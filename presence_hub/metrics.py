@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 __all__ = ["Metrics"]
 
-_Metric = TypeVar("_Metric", Counter, Histogram)
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -75,6 +75,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def connected(self, device: str) -> Gauge:
+        """The connections gauge of one device kind."""
+        return self._child(self.connections, device)
+
+    def opened(self, device: str) -> Counter:
+        """The sessions_opened counter of one device kind."""
+        return self._child(self.sessions_opened, device)
 
     def sent(self, kind: str) -> Counter:
         """The frames_out counter of one frame type."""

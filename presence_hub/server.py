@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 import time
 import uuid
@@ -212,6 +213,7 @@ class Node:
             ping_interval=None,
             # Updates never wait on a socket's receive side; keep its queue short.
             max_queue=4,
+            backlog=4096,
         )
         self._http = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
         await self._http.setup()
@@ -339,7 +341,7 @@ class Node:
             FORMATS.get(ws.subprotocol or "", "msgpack"),
             tenant=claims.tenant,
             user=claims.user,
-            session=SessionId(uuid.uuid4().hex),
+            session=SessionId(secrets.token_hex(16)),
             device=admission.device,
             send_timeout=self.settings.send_timeout,
             metrics=self.metrics,
@@ -376,14 +378,14 @@ class Node:
         log.info(
             "session %s opened: %s/%s on %s", conn.session, conn.tenant, conn.user, conn.device
         )
-        self.metrics.sessions_opened.labels(conn.device).inc()
-        self.metrics.connections.labels(conn.device).inc()
+        self.metrics.opened(conn.device).inc()
+        self.metrics.connected(conn.device).inc()
         conn.start(own.ver)
         self._expire_at(conn, claims.expires_at)
         try:
             await self._serve(conn, claims)
         finally:
-            self.metrics.connections.labels(conn.device).dec()
+            self.metrics.connected(conn.device).dec()
             conn.stop()
             self.hub.leave(conn)
             logout = ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
@@ -511,11 +513,13 @@ class Node:
                 return None
             case codec.Subscribe(users=users, known=known):
                 self._check_size(users)
-                fresh = {u for u in users if u not in conn.watching}
-                if len(conn.watching) + len(fresh) > s.max_subscriptions:
-                    raise FrameError(
-                        "limit_exceeded", f"at most {s.max_subscriptions} subscriptions"
-                    )
+                # Only a request that could pass the limit pays for counting its new users.
+                if len(conn.watching) + len(users) > s.max_subscriptions:
+                    fresh = {u for u in users if u not in conn.watching}
+                    if len(conn.watching) + len(fresh) > s.max_subscriptions:
+                        raise FrameError(
+                            "limit_exceeded", f"at most {s.max_subscriptions} subscriptions"
+                        )
                 await self.hub.watch(conn, users)
                 presences = await self._snapshot(conn, users, known)
                 return {"type": "snapshot", "id": request.id, "presences": presences}
@@ -550,11 +554,14 @@ class Node:
         unique = list(dict.fromkeys(users))
         with self.metrics.store_op("views").time():
             views = await self.store.views(conn.tenant, unique)
+        watching = conn.watching
         presences = []
         for user, view in zip(unique, views, strict=True):
-            if user in conn.watching:
-                conn.watching[user] = max(conn.watching[user], view.ver)
-            if known.get(user) != view.ver:
+            ver = view.ver
+            handed = watching.get(user)
+            if handed is not None and ver > handed:
+                watching[user] = ver
+            if not known or known.get(user) != ver:
                 presences.append(codec.presence_map(user, view))
         return presences
 

@@ -88,7 +88,9 @@ def state_key(tenant: TenantId, user: UserId) -> str:
     return _prefix(tenant, user)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def presence_channel(tenant: TenantId, user: UserId) -> str:
+    # Cached as well: subscribing sockets name fifty of these each.
     return f"{_prefix(tenant, user)}:p"
 
 
