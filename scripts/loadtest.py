@@ -253,7 +253,7 @@ async def run_worker(
     await asyncio.to_thread(args["connect"].wait)
     started = time.time()
     clients: dict[str, LightClient] = {}
-    semaphore = asyncio.Semaphore(200)
+    semaphore = asyncio.Semaphore(args["concurrency"])
     joined, reported_at = 0, time.time()
 
     async def join(n: int, user: str) -> None:
@@ -544,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mix", default=MIX_DEFAULT)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1000,
+        help="connections each worker opens at once (a reconnect storm opens them all)",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (bounded)")
     parser.add_argument(
         "--max-changes", type=int, default=10_000_000, help="stop after this many changes"
@@ -567,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if not opts.secret:
         parser.error("--secret (or PRESENCE_HUB_SECRET) is required to sign the clients' tokens")
+    if opts.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
     opts.duration = min(opts.duration, 3600.0)
 
     ctx = mp.get_context("spawn")
@@ -583,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate": opts.rate,
         "mix": opts.mix,
         "workers": opts.workers,
+        "concurrency": opts.concurrency,
         "duration": opts.duration,
         "max_changes": opts.max_changes,
         "settle": opts.settle,
@@ -682,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         "connected": sum(r["connected"] for r in merged),
         "contacts_per_client": opts.contacts,
         "workers": opts.workers,
+        "concurrency": opts.concurrency,
         "rate_target": opts.rate,
         "connect_and_subscribe_seconds": round(connect_wall, 3),
         "hub_cpu_seconds_connecting": round(connect_cpu, 3),
