@@ -247,6 +247,8 @@ async def run_worker(
     def token(user: str, role: str = "user") -> str:
         return issue_token(args["secret"], tenant=args["tenant"], user=user, role=role, ttl=86400)  # type: ignore[arg-type]
 
+    # Clients hold their tokens before they connect.
+    tokens = {user: token(user) for user in mine}
     # Connect and subscribe everyone, once every worker is set up: the connect time is
     # the hub's, not the time the workers take to start.
     progress.put(("set", index))
@@ -259,7 +261,7 @@ async def run_worker(
     async def join(n: int, user: str) -> None:
         async with semaphore:
             try:
-                client = await open_client(urls[n % len(urls)], token(user), user, stats)
+                client = await open_client(urls[n % len(urls)], tokens[user], user, stats)
                 want = contacts[user]
                 for start in range(0, len(want), 1000):
                     reply = await client.request(
