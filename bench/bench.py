@@ -4,7 +4,8 @@
     bench/bench.py fanout      5,000 clients x 50 contacts, status changes at rising rates
     bench/bench.py latency     the same at 1,000 changes per second: p99 latency
     bench/bench.py ingest      producer events through POST /v1/events and WebSocket frames
-    bench/bench.py connect     10,000 clients connect and subscribe to 50 contacts each
+    bench/bench.py connect     10,000 clients connect and subscribe to 50 contacts each,
+                               against a hub of one worker process, then of two
     bench/bench.py idle        10,000 idle connections: hub memory per connection
     bench/bench.py cores       1,000 changes per second with --workers 1 and 2
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
@@ -12,6 +13,10 @@
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
                                state, packing a commit command (redis-py's packer and hiredis'),
                                packing a state and decoding a stored view (msgpack and msgspec)
+    bench/bench.py instructions
+                               the instructions the hub executes for a storm of 1,000
+                               clients x 50, counted by valgrind: a figure that does not
+                               drift with the machine's load, to compare two versions
 
 Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures
@@ -26,6 +31,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,7 +58,10 @@ from loadtest import WorkerStats, open_client  # noqa: E402
 SECRET = "bench-secret-bench-secret-bench-secret"
 TENANT = "loadtest"
 RESULTS = ROOT / "bench" / "results"
-SCENARIOS = ["fanout", "latency", "ingest", "connect", "idle", "cores", "nodes", "floor", "micro"]
+SCENARIOS = [
+    "fanout", "latency", "ingest", "connect", "idle", "cores", "nodes", "floor", "micro",
+    "instructions",
+]  # fmt: skip
 
 
 def free_port() -> int:
@@ -64,14 +73,14 @@ def free_port() -> int:
 
 @contextmanager
 def hub(
-    *extra: str, redis_url: str | None = None
+    *extra: str, redis_url: str | None = None, under: list[str] | None = None, wait: float = 60
 ) -> Iterator[tuple[str, str, list[psutil.Process]]]:
-    """A hub on free ports, with its own embedded Redis unless ``redis_url`` is given;
-    yields (ws url, http url, processes)."""
+    """A hub on free ports, with its own embedded Redis unless ``redis_url`` is given, run
+    ``under`` a tool (valgrind) if asked; yields (ws url, http url, processes)."""
     ws_port, http_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as data:
         args = [
-            sys.executable, "-m", "presence_hub", "serve",
+            *(under or []), sys.executable, "-m", "presence_hub", "serve",
             "--ws-port", str(ws_port), "--http-port", str(http_port),
             "--data-dir", data, "--secret", SECRET, "--log-level", "WARNING",
             "--rate-limit", "100000", "--rate-burst", "100000", *extra,
@@ -79,7 +88,7 @@ def hub(
         ]  # fmt: skip
         process = subprocess.Popen(args)
         try:
-            deadline = time.time() + 60
+            deadline = time.time() + wait
             while True:
                 try:
                     socket.create_connection(("127.0.0.1", ws_port), 1).close()
@@ -96,7 +105,7 @@ def hub(
         finally:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(60)
+                process.wait(wait)
             except subprocess.TimeoutExpired:
                 process.kill()
 
@@ -393,14 +402,59 @@ def run(scenario: str) -> Any:
         return send_floor()
     if scenario == "micro":
         return micro()
+    if scenario == "instructions":
+        return instructions()
     if scenario == "ingest":
         return ingest()
     if scenario == "connect":
-        with hub() as (ws, http, procs):
-            args = ["--clients", "10000", "--contacts", "50", "--rate", "0"]
-            args += ["--duration", "1", "--workers", "2", "--settle", "0"]
-            return summary(loadtest(ws, http, procs, *args))
+        return {f"workers_{n}": connect_storm(n) for n in (1, 2)}
     return idle()
+
+
+def connect_storm(workers: int) -> dict[str, Any]:
+    """10,000 clients connect and subscribe to 50 contacts each, 1,000 at a time from
+    each of two load generator processes, against a hub of ``workers`` processes."""
+    with hub("--workers", str(workers)) as (ws, http, procs):
+        args = ["--clients", "10000", "--contacts", "50", "--rate", "0", "--duration", "1"]
+        args += ["--workers", "2", "--concurrency", "1000", "--settle", "0"]
+        return summary(loadtest(ws, http, procs, *args))
+
+
+def instructions(clients: int = 1000) -> dict[str, Any]:
+    """The instructions the hub executes for a connect storm of ``clients`` x 50 (from the
+    first connection to the last disconnect, the final check included), counted by
+    valgrind's callgrind: unlike CPU time, the same for the same code whatever else a
+    shared machine is doing (two runs differ by about 1 %), so it compares two versions
+    of the connect path. Python runs about 50 times slower under it, so fewer clients
+    connect at once than in ``connect`` (more at once make more keepalive rounds fall
+    within the storm, and the count then depends on the timing)."""
+    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        raise SystemExit("the instructions scenario needs valgrind (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory() as out:
+        counts = Path(out) / "callgrind.out"
+        tool = [valgrind, "--tool=callgrind", "--instr-atstart=no"]
+        with hub(under=[*tool, f"--callgrind-out-file={counts}"], wait=900) as (ws, http, procs):
+            pid = str(procs[0].pid)
+            subprocess.run([control, "-i", "on", pid], check=True, stdout=subprocess.DEVNULL)
+            report = loadtest(
+                ws, http, procs, "--clients", str(clients), "--contacts", "50", "--rate", "0",
+                "--duration", "1", "--workers", "2", "--concurrency", "200", "--settle", "0",
+            )  # fmt: skip
+            subprocess.run([control, "-i", "off", pid], check=True, stdout=subprocess.DEVNULL)
+        # The hub has exited: its counts are on disk.
+        total = next(
+            int(line.split()[1])
+            for line in counts.read_text().splitlines()
+            if line.startswith("totals:")
+        )
+    return {
+        "clients": clients,
+        "connected": report["connected"],
+        "errors": report["errors"],
+        "instructions": total,
+        "instructions_per_client": round(total / max(1, report["connected"])),
+    }
 
 
 def ingest() -> dict[str, Any]:

@@ -57,6 +57,8 @@ SUBSCRIBE_CHUNK: Final = 1000
 #: Updates per socket per flush, had no flush been held back, from which the node is
 #: behind: its flushes are then spaced out.
 BEHIND: Final = 2.0
+#: Looked up once: an enum member read through its class costs more than a write's checks.
+_OPEN: Final = State.OPEN
 
 
 class Update:
@@ -295,7 +297,7 @@ class Connection:
         """Write everything pending in one go, unless the socket is full; returns the
         number of presence updates written."""
         ws = self.ws
-        if ws.protocol.state is not State.OPEN:
+        if ws.protocol.state is not _OPEN:
             return 0
         if ws.paused:
             self._pump = asyncio.get_running_loop().create_task(self._write_backlog())
@@ -304,6 +306,11 @@ class Connection:
         own, self._pending_self = self._pending_self, None
         batch, self._pending = self._pending, {}
         fmt = self.fmt
+        if own is None and len(batch) == 1:
+            # The usual case below saturation: one update, no list to build.
+            (update,) = batch.values()
+            ws.transport.write(update.framed(fmt))
+            return 1
         frames = [update.framed(fmt) for update in batch.values()]
         if own is not None:
             frames.append(own.framed(fmt))
@@ -331,7 +338,7 @@ class Connection:
         websockets' ``send()``, which waits for it to drain."""
         self.metrics.sent(frame["type"]).inc()
         ws = self.ws
-        if ws.paused or ws.protocol.state is not State.OPEN:
+        if ws.paused or ws.protocol.state is not _OPEN:
             await ws.send(codec.encode(frame, self.fmt))
         else:
             ws.transport.write(self._framed(frame))
@@ -339,7 +346,7 @@ class Connection:
     async def send_all(self, frames: list[dict[str, Any]]) -> None:
         """Several frames in one write, in order (a producer's replies to a batch of
         events: one ``send()`` instead of one per reply)."""
-        if self.ws.protocol.state is not State.OPEN:
+        if self.ws.protocol.state is not _OPEN:
             raise ConnectionClosed(None, None)
         self.ws.transport.write(b"".join([self._framed(f) for f in frames]))
         for frame in frames:
@@ -389,7 +396,7 @@ class Connection:
         self.ws.transport.abort()
 
     async def _write(self, framed: bytes, kind: str) -> None:
-        if self.ws.protocol.state is not State.OPEN:
+        if self.ws.protocol.state is not _OPEN:
             raise ConnectionClosed(None, None)
         self.ws.transport.write(framed)
         self.metrics.sent(kind).inc()
