@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +53,27 @@ async def test_a_short_load_run_is_complete_and_reported(
     assert len(result["load_generator_cpu_share"]) == 2
     assert all(share > 0 for share in result["load_generator_cpu_share"])
     assert picture.stat().st_size > 0
+
+
+def _loadtest_module() -> Any:
+    sys.path.insert(0, str(LOADTEST.parent))
+    try:
+        import loadtest
+    finally:
+        sys.path.remove(str(LOADTEST.parent))
+    return loadtest
+
+
+def test_the_hubs_own_quantiles_are_the_buckets_that_hold_them() -> None:
+    quantiles = _loadtest_module().bucket_quantiles
+    inf = float("inf")
+    # Cumulative counts by upper bound, as /metrics gives them: 100 updates since the
+    # first scrape, which had 5 (all under 1 ms).
+    before = {0.001: 5.0, 0.005: 5.0, 0.025: 5.0, 0.1: 5.0, inf: 5.0}
+    after = {0.001: 15.0, 0.005: 65.0, 0.025: 103.0, 0.1: 105.0, inf: 105.0}
+    assert quantiles(before, after) == {"updates": 100, "p50": 5.0, "p95": 25.0, "p99": 100.0}
+    # A quantile beyond the last finite bucket is unknown, not the last bound.
+    late = {0.001: 0.0, 0.1: 90.0, inf: 100.0}
+    assert quantiles({}, late) == {"updates": 100, "p50": 100.0, "p95": None, "p99": None}
+    assert quantiles(after, after) == {"updates": 0, "p50": None, "p95": None, "p99": None}
+    assert quantiles({}, {}) == {"updates": 0, "p50": None, "p95": None, "p99": None}
