@@ -465,7 +465,12 @@ class _Shard:
     async def _write(self) -> None:
         try:
             while self._outbox:
-                command, channels = self._outbox.popleft()
+                command, first = self._outbox.popleft()
+                # Requests of one kind in a row go as one command: in a connect storm
+                # every socket asks for its own user's channel, one request each.
+                channels = list(first)
+                while self._outbox and self._outbox[0][0] == command:
+                    channels.extend(self._outbox.popleft()[1])
                 for group in self._groups(channels):
                     await self.connection.send_command(command, *group)
         except (RedisError, OSError) as exc:
