@@ -166,7 +166,9 @@ class Node:
         self.id = uuid.uuid4().hex[:12]
         self.metrics = Metrics()
         self.store = PresenceStore(redis)
-        self.registry = NodeRegistry(redis, self.id, settings.lease, lease_redis=lease_redis)
+        self.registry = NodeRegistry(
+            redis, self.id, settings.lease, lease_redis=lease_redis, batcher=self.store.batcher
+        )
         self.hub = Hub(self.store, pubsub_redis, self.metrics)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()

@@ -41,8 +41,11 @@ class NodeRegistry:
         lease: float,
         *,
         lease_redis: RedisClient | None = None,
+        batcher: ScriptBatcher | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``batcher``, when given, carries the session index's script calls (the
+        store's, so that a pass of the event loop sends one pipeline)."""
         self.redis = redis
         #: Renewals go through their own connections when given: under overload they
         #: must not queue behind thousands of commits and arrive after the lease ran out.
@@ -54,7 +57,7 @@ class NodeRegistry:
         self._index = register_script(redis, "session_index.lua")
         #: Sessions open and close by the thousand in a connect storm or a mass
         #: disconnect: those of one pass of the event loop share one pipeline.
-        self._batched = ScriptBatcher(redis)
+        self._batched = batcher or ScriptBatcher(redis)
         #: Since when this node's renewals have all succeeded (None after a failure).
         self._holding_since: float | None = None
 

@@ -328,7 +328,9 @@ class PresenceStore:
         self._claim = register_script(redis, "claim_timers.lua")
         self._views = register_script(redis, "views.lua")
         self._read_many = register_script(redis, "read.lua")
-        self._batched = ScriptBatcher(redis)
+        #: One pipeline per pass of the event loop for its script calls; other parts of
+        #: the node (the session index) send theirs through it too.
+        self.batcher = ScriptBatcher(redis)
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         try:
@@ -357,7 +359,7 @@ class PresenceStore:
             if self.cluster:
                 frames = await self._views_by_partition(tenant, users, state_keys)
             else:
-                frames = await self._batched((self._views, state_keys, []))
+                frames = await self.batcher((self._views, state_keys, []))
         except RedisError as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return [View() if f is None else _decode_view(f) for f in frames]
@@ -436,7 +438,7 @@ class PresenceStore:
                 [outcome.result] if event_key is not None else [],
                 now if origin is None else origin,
             )
-            committed = await self._batched((self._commit, commit_keys, commit_args))
+            committed = await self.batcher((self._commit, commit_keys, commit_args))
             if committed == -2:
                 return Applied("duplicate", None)
             if committed >= 0:
@@ -652,7 +654,7 @@ class PresenceStore:
         in the pipeline of the pass (a connect storm reads thousands of users)."""
         state_key = keys.state_key(tenant, user)
         extra = [event_key] if event_key is not None else []
-        values = await self._batched((self._read_many, [state_key, *extra], [1]))
+        values = await self.batcher((self._read_many, [state_key, *extra], [1]))
         rev, blob = values[0], values[1]
         seen = bool(extra) and bool(values[2])
         if rev is None or blob is None:
