@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from presence_hub.auth import ROLES, issue_token, load_or_create_secret
 from presence_hub.config import Settings
 from presence_hub.errors import PresenceHubError
+from presence_hub.metrics import MULTIPROCESS_DIR
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis
 from presence_hub.store.store import open_redis
@@ -146,7 +148,19 @@ def _worker(settings: Settings, url: str, secret: str) -> None:
 
 
 def _serve_workers(settings: Settings, url: str, secret: str) -> None:
-    """N processes on the same ports; the kernel spreads connections over them."""
+    """N processes on the same ports; the kernel spreads connections over them.
+
+    A scrape of /metrics reaches one of them, and must count the whole node: the
+    workers keep their metrics in files of one directory (prometheus_client's
+    multiprocess mode), which each worker's /metrics adds up."""
+    with tempfile.TemporaryDirectory(prefix="presence-hub-metrics-") as metrics_dir:
+        # Read by prometheus_client when each spawned worker imports it; a directory of
+        # this run's own, so that no earlier run's counts are added in.
+        os.environ[MULTIPROCESS_DIR] = metrics_dir
+        _run_workers(settings, url, secret)
+
+
+def _run_workers(settings: Settings, url: str, secret: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     workers = [
         ctx.Process(target=_worker, args=(settings, url, secret), name=f"presence-hub-{n}")

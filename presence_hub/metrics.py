@@ -1,12 +1,22 @@
-"""Prometheus metrics of one hub node, on a registry of its own."""
+"""Prometheus metrics of one hub node, on a registry of its own.
+
+With ``serve --workers N`` the workers keep their values in files of one directory
+(prometheus_client's multiprocess mode, set up by the CLI before it starts them) and
+each worker's /metrics adds up all of them: a scrape counts the whole node whichever
+worker answers it."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import os
+from typing import Any, Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["Metrics"]
+__all__ = ["MULTIPROCESS_DIR", "Metrics"]
+
+#: The environment variable that puts prometheus_client in multiprocess mode.
+MULTIPROCESS_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
@@ -25,12 +35,17 @@ class Metrics:
             "Open WebSocket connections, by device.",
             ["device"],
             registry=r,
+            # Across workers: the sum over the live ones.
+            multiprocess_mode="livesum",
         )
         self.sessions_opened = Counter(
             "presence_hub_sessions_opened", "Sessions opened, by device.", ["device"], registry=r
         )
         self.subscriptions = Gauge(
-            "presence_hub_subscriptions", "Users this node listens to on Redis.", registry=r
+            "presence_hub_subscriptions",
+            "Users this node listens to on Redis (with workers, summed over them).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.frames_in = Counter(
             "presence_hub_frames_in", "Client frames received, by type.", ["type"], registry=r
@@ -108,4 +123,8 @@ class Metrics:
         return child
 
     def exposition(self) -> bytes:
+        if os.environ.get(MULTIPROCESS_DIR):
+            every_worker = CollectorRegistry()
+            MultiProcessCollector(every_worker)  # type: ignore[no-untyped-call]
+            return generate_latest(every_worker)
         return generate_latest(self.registry)

@@ -9,16 +9,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import msgpack
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from presence_hub.store import EmbeddedRedis
 from tests.conftest import StartNode, make_token, ws_url
 from tests.processes import LEASE, HubProcess
-from tests.utils import timeout
+from tests.utils import eventually, timeout
 from tests.wsclient import Client, until_ok
 
 pytestmark = pytest.mark.slow
@@ -142,12 +144,29 @@ async def test_workers_share_the_ports_and_the_state(
         if "spawn_main" in " ".join(child.cmdline())
     ]
     assert len(workers) == 2
+
+    def listening(worker: psutil.Process) -> bool:
+        return any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == hub.port
+            for c in worker.net_connections()
+        )
+
+    # Both listen before anyone connects, so that the kernel spreads the sockets.
+    await eventually(lambda: all(listening(w) for w in workers))
     clients = [await Client.connect(hub.url, make_token(f"u{n}")) for n in range(12)]
     await clients[0].request({"type": "subscribe", "users": [f"u{n}" for n in range(12)]})
     for n, client in enumerate(clients[1:], start=1):
         await client.request({"type": "set_message", "text": f"hello from {n}"})
     for n in range(1, 12):
         await clients[0].presence(f"u{n}", message=f"hello from {n}")
+    # Every scrape reaches one worker, and every one counts the whole node: the 12
+    # sockets, wherever the kernel put them, and the updates all workers delivered.
+    for _ in range(6):
+        async with aiohttp.ClientSession() as http, http.get(f"{hub.http_url}/metrics") as r:
+            families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+        connections = families["presence_hub_connections"].samples
+        assert sum(s.value for s in connections) == 12
+        assert families["presence_hub_deliveries"].samples[0].value >= 11
     await Client.close_all()
     hub.signal(signal.SIGTERM)
     assert hub.process.wait(timeout(30)) == 0
