@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -16,7 +17,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from presence_hub.auth import ROLES, issue_token, load_or_create_secret
 from presence_hub.config import Settings
@@ -177,8 +180,15 @@ def _run_workers(settings: Settings, url: str, secret: str) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
+    running = {worker.sentinel: worker for worker in workers}
+    while running:
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            worker = running.pop(cast(int, sentinel))
+            worker.join()
+            # Its sockets are gone: their count leaves the node's gauges.
+            mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+            if running and worker.exitcode != 0:
+                log.error("worker %s exited with %s", worker.name, worker.exitcode)
 
 
 def _tune_gc() -> None:

@@ -13,6 +13,7 @@ import aiohttp
 import msgpack
 import psutil
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
@@ -159,14 +160,31 @@ async def test_workers_share_the_ports_and_the_state(
         await client.request({"type": "set_message", "text": f"hello from {n}"})
     for n in range(1, 12):
         await clients[0].presence(f"u{n}", message=f"hello from {n}")
+
     # Every scrape reaches one worker, and every one counts the whole node: the 12
     # sockets, wherever the kernel put them, and the updates all workers delivered.
-    for _ in range(6):
+    async def scrape() -> dict[str, Metric]:
         async with aiohttp.ClientSession() as http, http.get(f"{hub.http_url}/metrics") as r:
-            families = {f.name: f for f in text_string_to_metric_families(await r.text())}
-        connections = families["presence_hub_connections"].samples
-        assert sum(s.value for s in connections) == 12
+            return {f.name: f for f in text_string_to_metric_families(await r.text())}
+
+    for _ in range(6):
+        families = await scrape()
+        assert sum(s.value for s in families["presence_hub_connections"].samples) == 12
         assert families["presence_hub_deliveries"].samples[0].value >= 11
+    # A worker that dies takes its sockets out of the count.
+    dead, alive = workers
+    served = [
+        c
+        for c in alive.net_connections()
+        if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == hub.port
+    ]
+    dead.kill()
+    async with asyncio.timeout(timeout(20)):
+        while True:
+            families = await scrape()
+            if sum(s.value for s in families["presence_hub_connections"].samples) == len(served):
+                break
+            await asyncio.sleep(0.1)
     await Client.close_all()
     hub.signal(signal.SIGTERM)
     assert hub.process.wait(timeout(30)) == 0
