@@ -282,7 +282,7 @@ def idle(count: int = 10000) -> dict[str, Any]:
         before = sum(p.memory_info().rss for p in procs)
         report = loadtest(
             ws, http, procs, "--clients", str(count), "--contacts", "0", "--rate", "0",
-            "--duration", "10", "--workers", "2", "--settle", "0",
+            "--duration", "10", "--workers", "2", "--concurrency", "200", "--settle", "0",
         )  # fmt: skip
         after = report["hub_rss_mib"] * 2**20
         return {
