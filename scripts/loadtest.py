@@ -25,6 +25,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import queue
 import random
 import statistics
 import struct
@@ -522,6 +523,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _is_graph(path: str) -> bool:
+    try:
+        graph = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(graph, dict) and all(
+        isinstance(contacts, list) and all(isinstance(c, str) for c in contacts)
+        for contacts in graph.values()
+    )
+
+
+def _next_progress(progress: Any, workers: list[Any]) -> tuple[str, Any]:
+    """The next message of the workers; stops the run if one of them failed, instead of
+    waiting for messages it will never send."""
+    while True:
+        try:
+            message: tuple[str, Any] = progress.get(timeout=1)
+            return message
+        except queue.Empty:
+            _stop_if_a_worker_failed(workers)
+
+
+def _stop_if_a_worker_failed(workers: list[Any]) -> None:
+    failed = next((w for w in workers if w.exitcode not in (None, 0)), None)
+    if failed is not None:
+        for w in workers:
+            w.terminate()
+        raise SystemExit(f"a load generator worker failed (exit code {failed.exitcode}); see above")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -577,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--secret (or PRESENCE_HUB_SECRET) is required to sign the clients' tokens")
     if opts.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if opts.graph and not _is_graph(opts.graph):
+        parser.error(f"--graph {opts.graph}: not a JSON object of user -> list of user ids")
     opts.duration = min(opts.duration, 3600.0)
 
     ctx = mp.get_context("spawn")
@@ -614,14 +647,14 @@ def main(argv: list[str] | None = None) -> int:
         w.start()
     set_up = 0
     while set_up < opts.workers:
-        kind, value = progress.get(timeout=600)
+        kind, value = _next_progress(progress, workers)
         set_up += kind == "set"
     bar = tqdm(total=opts.clients, desc="connecting", unit="client", disable=opts.quiet)
     t0, cpu_at_start = time.time(), cpu_seconds(hub)
     connect.set()
     ready = 0
     while ready < opts.workers:
-        kind, value = progress.get(timeout=600)
+        kind, value = _next_progress(progress, workers)
         if kind == "joined":
             bar.update(value)
         elif kind == "ready":
@@ -652,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.time() - load_started > opts.duration + 600:
             print("workers did not finish", file=sys.stderr)
             break
+        _stop_if_a_worker_failed(workers)
         time.sleep(0.05)
     bar.close()
     for w in workers:

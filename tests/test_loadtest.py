@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,3 +78,21 @@ def test_the_hubs_own_quantiles_are_the_buckets_that_hold_them() -> None:
     assert quantiles({}, late) == {"updates": 100, "p50": 100.0, "p95": None, "p99": None}
     assert quantiles(after, after) == {"updates": 0, "p50": None, "p95": None, "p99": None}
     assert quantiles({}, {}) == {"updates": 0, "p50": None, "p95": None, "p99": None}
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"u0": 5}', '["u1"]'])
+def test_a_bad_contact_graph_is_refused_before_any_load(
+    tmp_path: Path, content: str | None
+) -> None:
+    graph = tmp_path / "graph.json"
+    if content is not None:
+        graph.write_text(content)
+    done = subprocess.run(
+        [sys.executable, str(LOADTEST), "--secret", SECRET, "--graph", str(graph), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=timeout(60),
+    )
+    assert done.returncode == 2
+    assert "--graph" in done.stderr
+    assert "Traceback" not in done.stderr
