@@ -390,25 +390,19 @@ def micro(count: int = 20000) -> dict[str, Any]:
 
 
 def run(scenario: str) -> Any:
-    if scenario == "fanout":
-        return fanout([500, 1000, 2000, 4000, 6000])
-    if scenario == "latency":
-        return fanout([1000])
-    if scenario == "cores":
-        return {"workers_1": fanout([1000]), "workers_2": fanout([1000], workers=2)}
-    if scenario == "nodes":
-        return nodes()
-    if scenario == "floor":
-        return send_floor()
-    if scenario == "micro":
-        return micro()
-    if scenario == "instructions":
-        return instructions()
-    if scenario == "ingest":
-        return ingest()
-    if scenario == "connect":
-        return {f"workers_{n}": connect_storm(n) for n in (1, 2)}
-    return idle()
+    scenarios: dict[str, Callable[[], Any]] = {
+        "fanout": lambda: fanout([500, 1000, 2000, 4000, 6000]),
+        "latency": lambda: fanout([1000]),
+        "ingest": ingest,
+        "connect": lambda: {f"workers_{n}": connect_storm(n) for n in (1, 2)},
+        "idle": idle,
+        "cores": lambda: {"workers_1": fanout([1000]), "workers_2": fanout([1000], workers=2)},
+        "nodes": nodes,
+        "floor": send_floor,
+        "micro": micro,
+        "instructions": instructions,
+    }
+    return scenarios[scenario]()
 
 
 def connect_storm(workers: int) -> dict[str, Any]:
