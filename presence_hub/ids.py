@@ -14,7 +14,7 @@ SessionId = NewType("SessionId", str)
 #: PROTOCOL.md: user and tenant ids. No braces or colons, which keeps store keys unambiguous.
 ID_PATTERN = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
 #: Ids one to a line: a list of them is checked with one match, not one per id.
-_ID_LINES = re.compile(f"{ID_PATTERN.pattern}(?:\n{ID_PATTERN.pattern})*")
+_ID_LINES = re.compile(f"{ID_PATTERN.pattern}(?:\\n{ID_PATTERN.pattern})*")
 
 
 def is_valid_id(value: object) -> bool:
