@@ -75,10 +75,19 @@ async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture(autouse=True)
-def _finalize_garbage() -> Iterator[None]:
+def _finalize_garbage(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Collect each test's garbage in its own teardown, so that a resource it leaked
     (an unclosed socket, say) fails that test, not whichever test runs next."""
     yield
+    finalize_garbage(caplog)
+
+
+def finalize_garbage(caplog: pytest.LogCaptureFixture) -> None:
+    """Drop the test's captured log records first: their report is written by now, and
+    pytest would keep them until after the teardown, with whatever their arguments hold
+    (a Redis error holds its connection, and so its socket)."""
+    for when in ("setup", "call", "teardown"):
+        caplog.get_records(when).clear()
     gc.collect()
 
 
@@ -112,8 +121,16 @@ TEST_SETTINGS = Settings(
 StartNode = Callable[..., Awaitable[Node]]
 
 
+#: The cluster tests restart and fail over shards but never let a node die: with the
+#: short lease, a node whose renewals were slow to come back after a shard restart
+#: (or the shared event loop stalled by a slow machine) was reaped by the other.
+CLUSTER_SETTINGS = replace(TEST_SETTINGS, lease=30.0)
+
+
 @asynccontextmanager
-async def node_starter(default_url: str) -> AsyncIterator[StartNode]:
+async def node_starter(
+    default_url: str, settings: Settings = TEST_SETTINGS
+) -> AsyncIterator[StartNode]:
     """Start hub nodes in this test's event loop; stop them at the end."""
     started: list[tuple[Node, RedisClient, RedisClient]] = []
 
@@ -121,7 +138,7 @@ async def node_starter(default_url: str) -> AsyncIterator[StartNode]:
         url = default_url if server is None else server.url
         main = open_redis(url)
         listener = open_redis(url, max_connections=4, listener=True)
-        node = Node(replace(TEST_SETTINGS, **overrides), main, listener, SECRET)
+        node = Node(replace(settings, **overrides), main, listener, SECRET)
         await node.start()
         started.append((node, main, listener))
         return node
@@ -134,6 +151,9 @@ async def node_starter(default_url: str) -> AsyncIterator[StartNode]:
             await node.stop()
             await main.aclose()
             await listener.aclose()
+        # pytest keeps the fixture's value (``start``) until after the teardown: what the
+        # nodes dropped must become garbage now, to be finalized within this test.
+        started.clear()
 
 
 @pytest.fixture
@@ -175,7 +195,7 @@ def redis_cluster(session_cluster: LocalCluster) -> LocalCluster:
 @pytest.fixture
 async def start_cluster_node(redis_cluster: LocalCluster) -> AsyncIterator[StartNode]:
     """Hub nodes on the Redis Cluster."""
-    async with node_starter(redis_cluster.url) as start:
+    async with node_starter(redis_cluster.url, CLUSTER_SETTINGS) as start:
         yield start
     # Finalize what the cluster clients dropped now, within this test's teardown.
     gc.collect()

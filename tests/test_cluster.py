@@ -22,7 +22,15 @@ from presence_hub.server import Node
 from presence_hub.store import PresenceStore, keys
 from presence_hub.store.store import open_redis
 from tests.cluster import LocalCluster
-from tests.conftest import StartNode, cluster_binary, make_token, node_starter, ws_url
+from tests.conftest import (
+    CLUSTER_SETTINGS,
+    StartNode,
+    cluster_binary,
+    finalize_garbage,
+    make_token,
+    node_starter,
+    ws_url,
+)
 from tests.processes import HubProcess
 from tests.utils import timeout
 from tests.wsclient import Client, until_ok
@@ -33,13 +41,13 @@ ACME = TenantId("acme")
 
 
 @pytest.fixture
-def _sockets_of_dropped_nodes() -> Iterator[None]:
+def _sockets_of_dropped_nodes(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Finalize the sockets of the nodes redis-py dropped within the fault test that
     dropped them (after its event loop closed), not during whichever test runs next."""
     yield
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+        finalize_garbage(caplog)
 
 
 _T = TypeVar("_T", bound=Callable[..., Any])
@@ -237,7 +245,7 @@ async def test_a_shard_failover_is_followed_and_loses_no_manual_status(tmp_path:
     cluster = LocalCluster(tmp_path / "cluster", cluster_binary())
     await asyncio.to_thread(cluster.start)
     try:
-        async with node_starter(cluster.url) as start:
+        async with node_starter(cluster.url, CLUSTER_SETTINGS) as start:
             first, second = await start(), await start()
             user = one_user_per_master(cluster, "f")[1]
             bob = await Client.connect(ws_url(first), make_token("bob"))
