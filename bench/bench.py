@@ -141,7 +141,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "run_seconds",
         "latency_ms", "hub_latency_ms_at_most", "contact_views_stale", "hub_cpu_us_per_delivery",
         "hub_cpu_share", "load_generator_cpu_share", "hub_rss_mib",
-        "connect_and_subscribe_seconds", "hub_cpu_seconds_connecting", "errors",
+        "connect_and_subscribe_seconds", "hub_cpu_seconds_connecting",
+        "load_generator_cpu_seconds_connecting", "errors",
     ]  # fmt: skip
     return {k: report[k] for k in keys}
 

@@ -254,7 +254,7 @@ async def run_worker(
     # the hub's, not the time the workers take to start.
     progress.put(("set", index))
     await asyncio.to_thread(args["connect"].wait)
-    started = time.time()
+    started, cpu_at_start = time.time(), time.process_time()
     clients: dict[str, LightClient] = {}
     semaphore = asyncio.Semaphore(args["concurrency"])
     joined, reported_at = 0, time.time()
@@ -288,6 +288,7 @@ async def run_worker(
     if joined:
         progress.put(("joined", joined))
     connect_seconds = time.time() - started
+    connect_cpu = time.process_time() - cpu_at_start
     progress.put(("ready", index))
     # Wait for every worker to be connected (a multiprocessing event, not an asyncio one).
     await asyncio.to_thread(args["go"].wait)
@@ -388,6 +389,7 @@ async def run_worker(
             client.transport.abort()
     return {
         "connect_seconds": connect_seconds,
+        "connect_cpu": connect_cpu,
         "cpu_share": cpu_share,
         "connected": len(clients),
         "deliveries": stats.deliveries,
@@ -731,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         "rate_target": opts.rate,
         "connect_and_subscribe_seconds": round(connect_wall, 3),
         "hub_cpu_seconds_connecting": round(connect_cpu, 3),
+        # Each load generator process's CPU time while it connected its clients: on
+        # shared cores, what it took is not the hub's.
+        "load_generator_cpu_seconds_connecting": [round(r["connect_cpu"], 3) for r in merged],
         "changes_sent": sum(r["changes_sent"] for r in merged),
         "changes_per_second": round(sum(r["changes_sent"] for r in merged) / opts.duration, 1),
         "run_seconds": round(load_seconds, 1),

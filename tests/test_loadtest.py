@@ -53,6 +53,8 @@ async def test_a_short_load_run_is_complete_and_reported(
     # Which side worked how hard: one share of a core per worker.
     assert len(result["load_generator_cpu_share"]) == 2
     assert all(share > 0 for share in result["load_generator_cpu_share"])
+    assert len(result["load_generator_cpu_seconds_connecting"]) == 2
+    assert all(cpu > 0 for cpu in result["load_generator_cpu_seconds_connecting"])
     assert picture.stat().st_size > 0
 
 
