@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +25,6 @@ from tests.conftest import (
     CLUSTER_SETTINGS,
     StartNode,
     cluster_binary,
-    finalize_garbage,
     make_token,
     node_starter,
     ws_url,
@@ -40,16 +38,6 @@ pytestmark = pytest.mark.slow
 ACME = TenantId("acme")
 
 
-@pytest.fixture
-def _sockets_of_dropped_nodes(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Finalize the sockets of the nodes redis-py dropped within the fault test that
-    dropped them (after its event loop closed), not during whichever test runs next."""
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        finalize_garbage(caplog)
-
-
 _T = TypeVar("_T", bound=Callable[..., Any])
 
 
@@ -57,9 +45,11 @@ def redis_py_drops_replaced_nodes(test: _T) -> _T:
     """For the fault tests: redis-py's asyncio RedisCluster drops the ClusterNode objects
     it replaces when it re-reads the topology after a server restarts, with their sockets
     still open (redis-py issues #3572 and #4053; reproduced with a bare RedisCluster).
-    Their finalizers then warn; those warnings are not the hub's."""
+    Their finalizers then warn, in this test or after it (conftest's
+    ``pytest_runtest_protocol`` finalizes them before the next); those warnings are
+    not the hub's."""
     ignore = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-    return ignore(pytest.mark.usefixtures("_sockets_of_dropped_nodes")(test))  # type: ignore[no-any-return]
+    return ignore(pytest.mark.drops_redis_nodes(test))  # type: ignore[no-any-return]
 
 
 def slot_of(user: str) -> int:
