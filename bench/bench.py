@@ -53,7 +53,7 @@ from presence_hub.auth import issue_token  # noqa: E402
 from presence_hub.store import EmbeddedRedis, find_redis_server  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from loadtest import WorkerStats, open_client  # noqa: E402
+from loadtest import ServerFrame, WorkerStats, open_client  # noqa: E402
 
 SECRET = "bench-secret-bench-secret-bench-secret"
 TENANT = "loadtest"
@@ -252,7 +252,7 @@ async def ingest_ws(
         client = await open_client(ws_url, token, "bench-ws", WorkerStats())
         loop = asyncio.get_running_loop()
         meetings = Calls("meeting")
-        in_flight: deque[asyncio.Future[dict[str, Any]]] = deque()
+        in_flight: deque[asyncio.Future[ServerFrame]] = deque()
         sent = 0
         try:
             while time.time() < deadline or in_flight:
@@ -264,11 +264,11 @@ async def ingest_ws(
                     frames.append({"type": "event", "id": sent, "event": event})
                 if frames:
                     client.send_many(frames)
+                # Awaited first: ``accepted += await ...`` would add to a stale count.
                 reply = await asyncio.wait_for(in_flight.popleft(), 60)
-                accepted += reply.get("type") == "ok" and reply["result"] != "rejected"
+                accepted += _accepted(reply)
                 while in_flight and in_flight[0].done():
-                    reply = in_flight.popleft().result()
-                    accepted += reply.get("type") == "ok" and reply["result"] != "rejected"
+                    accepted += _accepted(in_flight.popleft().result())
         finally:
             if client.transport is not None:
                 client.transport.close()
@@ -276,6 +276,11 @@ async def ingest_ws(
     started = time.time()
     await asyncio.gather(*(one(k) for k in range(parallel)))
     return accepted / (time.time() - started)
+
+
+def _accepted(reply: ServerFrame) -> bool:
+    """An event's reply: ``ok`` with a result map that is not ``rejected``."""
+    return reply.type == "ok" and reply.result is not None and reply.result["result"] != "rejected"
 
 
 def idle(count: int = 10000) -> dict[str, Any]:

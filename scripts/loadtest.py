@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import msgpack
+import msgspec
 from websockets.utils import apply_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,6 +52,34 @@ LAT_PREFIX = "lt:"
 # --- A minimal WebSocket client --------------------------------------------------------
 
 
+class Presence(msgspec.Struct):
+    user: str
+    ver: int
+    status: str
+    message: str | None = None
+
+
+class ServerFrame(msgspec.Struct):
+    """What the load generator reads of a hub's frame (the other fields are skipped):
+    decoded straight into a struct, in a third of the time of building its maps."""
+
+    type: str
+    id: int | str | None = None
+    # A presence frame's fields.
+    user: str = ""
+    ver: int = 0
+    status: str = ""
+    message: str | None = None
+    # A batch of presence frames, and a snapshot.
+    items: list[Presence] = []
+    presences: list[Presence] = []
+    # The reply to an event: its result map.
+    result: dict[str, Any] | None = None
+
+
+decode_frame = msgspec.msgpack.Decoder(ServerFrame).decode
+
+
 class LightClient(asyncio.Protocol):
     """One simulated client: reads frames with as little work as possible."""
 
@@ -60,7 +89,7 @@ class LightClient(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.handshake_done = asyncio.get_running_loop().create_future()
-        self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.replies: dict[int, asyncio.Future[ServerFrame]] = {}
         self.view: dict[str, tuple[int, str, Any]] = {}
         self.upgraded = False
         self.closed = False
@@ -116,7 +145,12 @@ class LightClient(asyncio.Protocol):
             payload = bytes(buf[pos + head : pos + head + length])
             pos += head + length
             if opcode == 0x2:
-                self._frame(msgpack.unpackb(payload), now)
+                try:
+                    frame = decode_frame(payload)
+                except msgspec.DecodeError as exc:
+                    self.stats.errors[f"undecodable frame: {exc}"[:120]] += 1
+                else:
+                    self._frame(frame, now)
             elif opcode == 0x9:
                 # The hub closes a socket that misses its keepalive pings.
                 self._write(0x8A, payload)
@@ -124,23 +158,23 @@ class LightClient(asyncio.Protocol):
                 self.closed = True
         del buf[:pos]
 
-    def _frame(self, frame: dict[str, Any], now: float) -> None:
-        kind = frame.get("type")
+    def _frame(self, frame: ServerFrame, now: float) -> None:
+        kind = frame.type
         if kind == "presence":
             self._presence(frame, now)
         elif kind == "presences":
-            for item in frame["items"]:
+            for item in frame.items:
                 self._presence(item, now)
-        elif "id" in frame and frame["id"] in self.replies:
-            self.replies.pop(frame["id"]).set_result(frame)
+        elif isinstance(frame.id, int) and frame.id in self.replies:
+            self.replies.pop(frame.id).set_result(frame)
 
-    def _presence(self, p: dict[str, Any], now: float) -> None:
+    def _presence(self, p: Presence | ServerFrame, now: float) -> None:
         self.stats.deliveries += 1
-        user, ver, message = p["user"], p["ver"], p["message"]
+        user, ver, message = p.user, p.ver, p.message
         current = self.view.get(user)
         if current is not None and ver <= current[0]:
             return
-        self.view[user] = (ver, p["status"], message)
+        self.view[user] = (ver, p.status, message)
         # Time only the update that carried a new stamped message.
         if (
             message
@@ -163,8 +197,8 @@ class LightClient(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(_masked(first_byte, payload))
 
-    async def request(self, frame: dict[str, Any], rid: int) -> dict[str, Any]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    async def request(self, frame: dict[str, Any], rid: int) -> ServerFrame:
+        future: asyncio.Future[ServerFrame] = asyncio.get_running_loop().create_future()
         self.replies[rid] = future
         self.send({**frame, "id": rid})
         return await asyncio.wait_for(future, 60)
@@ -268,11 +302,13 @@ async def run_worker(
                     reply = await client.request(
                         {"type": "subscribe", "users": want[start : start + 1000]}, start + 1
                     )
-                    for p in reply.get("presences", []):
+                    if reply.type != "snapshot":
+                        raise ConnectionError(f"subscribe answered {reply.type}: {reply.message}")
+                    for p in reply.presences:
                         # An update may have overtaken the snapshot: keep the newest ver.
-                        seen = client.view.get(p["user"])
-                        if seen is None or p["ver"] > seen[0]:
-                            client.view[p["user"]] = (p["ver"], p["status"], p["message"])
+                        seen = client.view.get(p.user)
+                        if seen is None or p.ver > seen[0]:
+                            client.view[p.user] = (p.ver, p.status, p.message)
                 clients[user] = client
             except Exception as exc:
                 stats.errors[f"connect: {type(exc).__name__}: {exc}"[:120]] += 1
