@@ -395,6 +395,10 @@ async def run_worker(
             progress.put(("sent", unreported))
         if pending_http:
             await asyncio.wait(pending_http, timeout=30)
+        # Every worker has stopped producing when the hub's own latency is read, before
+        # the bulk of ends below.
+        progress.put(("produced", index))
+        await asyncio.to_thread(args["ends"].wait)
         # End what is open, so that the final state is simple to check.
         ends = [
             _event(f"{kind}_ended", user, ref, time.time(), index, n)
@@ -403,8 +407,8 @@ async def run_worker(
         ]
         for start in range(0, len(ends), 1000):
             await _post(http, args["http_url"], ends[start : start + 1000], stats)
-    # Every worker has stopped producing before anyone reads its final views.
-    progress.put(("produced", index))
+    # Every worker has made its last change before anyone reads its final views.
+    progress.put(("ended", index))
     await asyncio.to_thread(args["collect"].wait)
     await _quiet(stats, args["settle"], args["settle_max"])
     # Its own share of a core while it produced and read: a load generator near 1.0
@@ -542,6 +546,24 @@ async def hub_latency_buckets(http_url: str) -> dict[float, float]:
     }
 
 
+async def hub_settled_buckets(
+    http_url: str, quiet: float = 0.5, at_most: float = 30.0
+) -> dict[float, float]:
+    """The hub's latency buckets once it has handed out what it had (no update written
+    for ``quiet`` seconds, ``at_most`` seconds at the most): after a connect storm the
+    last arrivals' presence is still on its way to their watchers, and would be timed
+    with the load that follows."""
+    deadline = time.monotonic() + at_most
+    buckets = await hub_latency_buckets(http_url)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet)
+        latest = await hub_latency_buckets(http_url)
+        if latest == buckets:
+            break
+        buckets = latest
+    return buckets
+
+
 def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
     """Upper bounds (ms) of the histogram buckets holding p50, p95 and p99 of what the hub
     observed between two scrapes; None where that is beyond the last bucket."""
@@ -652,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = mp.get_context("spawn")
     progress, results = ctx.Queue(), ctx.Queue()
-    connect, go, collect = ctx.Event(), ctx.Event(), ctx.Event()
+    connect, go, ends, collect = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event()
     shared = {
         "urls": opts.url.split(","),
         "http_url": opts.http_url.rstrip("/"),
@@ -672,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": opts.seed,
         "connect": connect,
         "go": go,
+        "ends": ends,
         "collect": collect,
     }
     workers = [
@@ -701,13 +724,14 @@ def main(argv: list[str] | None = None) -> int:
     connect_cpu = cpu_seconds(hub) - cpu_at_start
     bar.close()
 
-    hub_latency_before = asyncio.run(hub_latency_buckets(shared["http_url"]))
+    hub_latency_before = asyncio.run(hub_settled_buckets(shared["http_url"]))
     cpu_before, load_started = cpu_seconds(hub), time.time()
     go.set()
     expected = int(min(opts.rate * opts.duration, opts.max_changes))
     bar = tqdm(total=expected, desc="changes", unit="chg", disable=opts.quiet)
     reports: dict[int, dict[str, Any]] = {}
-    produced = 0
+    produced = ended = 0
+    hub_latency_after: dict[float, float] = {}
     while len(reports) < opts.workers:
         while not progress.empty():
             kind, value = progress.get()
@@ -716,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
             elif kind == "produced":
                 produced += 1
                 if produced == opts.workers:
+                    # The load's last updates handed out, and not the ends that follow.
+                    hub_latency_after = asyncio.run(hub_settled_buckets(shared["http_url"]))
+                    ends.set()
+            elif kind == "ended":
+                ended += 1
+                if ended == opts.workers:
                     collect.set()
         while not results.empty():
             index, report = results.get()
@@ -732,9 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = time.time() - load_started
     cpu_used = cpu_seconds(hub) - cpu_before
     memory = rss_bytes(hub)
-    hub_latency = bucket_quantiles(
-        hub_latency_before, asyncio.run(hub_latency_buckets(shared["http_url"]))
-    )
+    hub_latency = bucket_quantiles(hub_latency_before, hub_latency_after)
 
     merged = list(reports.values())
     deliveries = sum(r["deliveries"] for r in merged)
