@@ -552,7 +552,7 @@ class Node:
 
     async def _snapshot(
         self, conn: Connection, users: list[UserId], known: dict[UserId, int]
-    ) -> list[dict[str, Any]]:
+    ) -> list[codec.Presence]:
         unique = list(dict.fromkeys(users))
         with self.metrics.store_op("views").time():
             views = await self.store.views(conn.tenant, unique)
@@ -564,7 +564,7 @@ class Node:
             if handed is not None and ver > handed:
                 watching[user] = ver
             if not known or known.get(user) != ver:
-                presences.append(codec.presence_map(user, view))
+                presences.append(codec.Presence(user, view.status, view.message, view.since, ver))
         return presences
 
 
