@@ -84,8 +84,8 @@ def channel_member(channel: str) -> tuple[TenantId, UserId]:
     return TenantId(tenant), UserId(user)
 
 
-def state_key(tenant: TenantId, user: UserId) -> str:
-    return _prefix(tenant, user)
+#: The user's hash: its prefix itself (one cached call, no wrapper: a subscribe names fifty).
+state_key: Final = _prefix
 
 
 @functools.lru_cache(maxsize=1 << 16)
