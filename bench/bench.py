@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from typing import Any
 
 import aiohttp
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -413,11 +415,30 @@ def run(scenario: str) -> Any:
 
 def connect_storm(workers: int) -> dict[str, Any]:
     """10,000 clients connect and subscribe to 50 contacts each, 1,000 at a time from
-    each of two load generator processes, against a hub of ``workers`` processes."""
+    each of two load generator processes, against a hub of ``workers`` processes; and
+    how many updates each of the hub's send()s carried."""
     with hub("--workers", str(workers)) as (ws, http, procs):
         args = ["--clients", "10000", "--contacts", "50", "--rate", "0", "--duration", "1"]
         args += ["--workers", "2", "--concurrency", "1000", "--settle", "0"]
-        return summary(loadtest(ws, http, procs, *args))
+        result = summary(loadtest(ws, http, procs, *args))
+        counts = scrape(http, "presence_hub_deliveries_total", "presence_hub_update_writes_total")
+    deliveries = counts["presence_hub_deliveries_total"]
+    writes = counts["presence_hub_update_writes_total"]
+    result["hub_update_writes"] = int(writes)
+    result["hub_updates_per_write"] = round(deliveries / writes, 2) if writes else None
+    return result
+
+
+def scrape(http: str, *names: str) -> dict[str, float]:
+    """Samples of the hub's /metrics, by name."""
+    with urllib.request.urlopen(f"{http}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in names
+    }
 
 
 def instructions(clients: int = 1000) -> dict[str, Any]:

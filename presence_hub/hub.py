@@ -160,14 +160,18 @@ class Flusher:
         started = loop.time()
         queued, self._queued = self._queued, []
         origins, self._origins = self._origins, []
-        written = 0
+        written = writes = 0
         for conn in queued:
             try:
-                written += conn.flush()
+                count = conn.flush()
             except Exception:  # one broken socket must not hold up the others
                 log.exception("writing to %s/%s failed", conn.tenant, conn.user)
+                continue
+            written += count
+            writes += count > 0
         if written:
             self._metrics.deliveries.inc(written)
+            self._metrics.update_writes.inc(writes)
             self._metrics.sent("presence").inc(written)
         if self._coalesced:
             self._metrics.coalesced.inc(self._coalesced)

@@ -64,6 +64,12 @@ class Metrics:
             "Presence updates written to subscribers' sockets.",
             registry=r,
         )
+        self.update_writes = Counter(
+            "presence_hub_update_writes",
+            "Sockets written at the end of a pass of the event loop, one send() each: "
+            "deliveries over writes is how many updates a send() carries.",
+            registry=r,
+        )
         self.coalesced = Counter(
             "presence_hub_coalesced_updates",
             "Updates replaced by a newer one before a slow socket took them.",

@@ -37,3 +37,5 @@ async def test_a_node_that_is_behind_still_writes_every_pending_socket() -> None
     await asyncio.sleep(0.2)
     assert (first.flushes, second.flushes, third.flushes) == (1, 1, 1)
     assert metrics.registry.get_sample_value("presence_hub_deliveries_total") == 9
+    # One send() per socket, three updates each.
+    assert metrics.registry.get_sample_value("presence_hub_update_writes_total") == 3
