@@ -27,9 +27,9 @@ import sys
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -661,14 +661,16 @@ class Hub:
         return groups
 
     def _shard_for(self, channel: str | None) -> _Shard:
-        redis = self._redis
-        if isinstance(redis, RedisCluster):
+        # The flag set once, not isinstance() per channel: RedisCluster's metaclass is a
+        # typing protocol's, whose check costs ten times a plain class's.
+        if self._sharded:
             assert channel is not None
-            node = redis.nodes_manager.get_node_from_slot(keys.key_slot(_tag(channel)))
+            nodes = cast(RedisCluster, self._redis).nodes_manager
+            node = nodes.get_node_from_slot(keys.key_slot(_tag(channel)))
             name, settings = node.name, node.connection_kwargs
             kind: type[AbstractConnection] = node.connection_class
         else:
-            pool = redis.connection_pool
+            pool = cast(Redis, self._redis).connection_pool
             name, kind, settings = "redis", pool.connection_class, pool.connection_kwargs
         shard = self._shards.get(name)
         if shard is None:
