@@ -19,8 +19,9 @@ LOADTEST = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 async def test_a_short_load_run_is_complete_and_reported(
-    start_node: StartNode, tmp_path: Path
+    start_node: StartNode, tmp_path: Path, loop: str
 ) -> None:
     # Keepalive rounds every 0.3 s: its clients must answer pings, or the hub closes them
     # as dead and their views (and their own presence) go stale.
@@ -32,11 +33,12 @@ async def test_a_short_load_run_is_complete_and_reported(
         "--secret", SECRET, "--clients", "60", "--contacts", "10", "--rate", "100",
         "--duration", "2", "--workers", "2", "--settle", "0.5", "--quiet",
         "--hub-pid", str(os.getpid()), "--json", str(report), "--plot", str(picture),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "--loop", loop, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output, _ = await asyncio.wait_for(process.communicate(), timeout(120))
     assert process.returncode == 0, output.decode()[-3000:]
     result = json.loads(report.read_text())
+    assert result["event_loop"] == loop
     assert result["connected"] == 60
     assert result["errors"] == {}
     assert result["contact_views_checked"] == 600
