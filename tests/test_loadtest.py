@@ -7,11 +7,15 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from presence_hub.store.embedded import free_port
 from tests.conftest import SECRET, StartNode, ws_url
 from tests.utils import timeout
 
@@ -82,6 +86,73 @@ def test_the_hubs_own_quantiles_are_the_buckets_that_hold_them() -> None:
     assert quantiles({}, late) == {"updates": 100, "p50": 100.0, "p95": None, "p99": None}
     assert quantiles(after, after) == {"updates": 0, "p50": None, "p95": None, "p99": None}
     assert quantiles({}, {}) == {"updates": 0, "p50": None, "p95": None, "p99": None}
+
+
+class ChangingMetrics:
+    """A /metrics endpoint whose update latency histogram takes one more observation at
+    each of its first ``changes`` scrapes, as a hub still handing out a backlog would."""
+
+    def __init__(self, changes: int) -> None:
+        self.changes = changes
+        self.scrapes = 0
+        self.registry = CollectorRegistry()
+        self.histogram = Histogram(
+            "presence_hub_update_latency_seconds", "latency", registry=self.registry
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.scrapes += 1
+        if self.scrapes <= self.changes:
+            self.histogram.observe(0.002)
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+
+@pytest.fixture
+async def serve_metrics() -> AsyncIterator[Callable[[ChangingMetrics], Awaitable[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def serve(endpoint: ChangingMetrics) -> str:
+        app = web.Application()
+        app.router.add_get("/metrics", endpoint.metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_the_hubs_latency_is_read_once_its_backlog_is_handed_out(
+    serve_metrics: Callable[[ChangingMetrics], Awaitable[str]],
+) -> None:
+    settled = _loadtest_module().hub_settled_buckets
+    endpoint = ChangingMetrics(changes=4)
+    url = await serve_metrics(endpoint)
+    buckets = await asyncio.wait_for(settled(url, quiet=0.05, at_most=60), timeout(30))
+    # Every observation made before the histogram stopped changing is in the reading.
+    assert buckets[float("inf")] == 4
+    assert endpoint.scrapes == 5  # four that found a change, then one that found none
+
+
+async def test_the_wait_for_a_settled_hub_is_bounded(
+    serve_metrics: Callable[[ChangingMetrics], Awaitable[str]],
+) -> None:
+    settled = _loadtest_module().hub_settled_buckets
+    endpoint = ChangingMetrics(changes=10**9)  # a hub that never catches up
+    url = await serve_metrics(endpoint)
+    buckets = await asyncio.wait_for(settled(url, quiet=0.05, at_most=0.5), timeout(30))
+    # It gives up with the latest reading instead of waiting for ever.
+    assert buckets[float("inf")] == endpoint.scrapes
+
+
+async def test_a_hub_without_metrics_gives_no_latency_reading() -> None:
+    settled = _loadtest_module().hub_settled_buckets
+    silent = f"http://127.0.0.1:{free_port()}"
+    assert await asyncio.wait_for(settled(silent, quiet=0.05, at_most=0.5), timeout(30)) == {}
 
 
 @pytest.mark.parametrize("content", [None, "not json", '{"u0": 5}', '["u1"]'])
