@@ -57,6 +57,10 @@ SUBSCRIBE_CHUNK: Final = 1000
 #: Updates per socket per flush, had no flush been held back, from which the node is
 #: behind: its flushes are then spaced out.
 BEHIND: Final = 2.0
+#: Sockets opened within a second from which the node is in a connect storm, and how
+#: long its flushes are then spaced out.
+STORM_OPENS: Final = 300
+STORM_HOLD: Final = 0.25
 #: Looked up once: an enum member read through its class costs more than a write's checks.
 _OPEN: Final = State.OPEN
 
@@ -103,6 +107,10 @@ class Flusher:
     so a socket given several updates in one pass (a busy node reads many published
     updates per pass) pays for one; an idle node adds one pass of delay. A node that
     falls behind spaces its flushes out, so that each ``send()`` carries more updates.
+    So does a node in a connect storm (``storm_opens`` sockets opened within a second):
+    each arrival's presence goes to every watcher already connected, a ``send()`` each,
+    and those sends slow the arrivals down. Held back ``storm_hold`` seconds, a socket's
+    updates share one; presence moves up to about that much late while the storm lasts.
     """
 
     __slots__ = (
@@ -112,12 +120,21 @@ class Flusher:
         "_last_end",
         "_metrics",
         "_not_before",
+        "_opened",
         "_origins",
         "_queued",
+        "_storm_hold",
+        "_storm_opens",
     )
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self, metrics: Metrics, storm_opens: int = STORM_OPENS, storm_hold: float = STORM_HOLD
+    ) -> None:
         self._metrics = metrics
+        self._storm_opens = storm_opens
+        self._storm_hold = storm_hold
+        #: Loop times of the sockets opened within the last second.
+        self._opened: deque[float] = deque()
         self._queued: list[Connection] = []
         #: When the inputs behind this pass's updates arrived, for the latency metric.
         self._origins: list[float] = []
@@ -129,6 +146,21 @@ class Flusher:
         self._not_before = 0.0
         self._held = 0.0
         self._last_end = 0.0
+
+    def opened(self) -> None:
+        """A socket was opened (counted towards a connect storm)."""
+        now = asyncio.get_running_loop().time()
+        self._opened.append(now)
+        self._forget_opened_before(now - 1.0)
+
+    def _in_storm(self, now: float) -> bool:
+        self._forget_opened_before(now - 1.0)
+        return len(self._opened) >= self._storm_opens
+
+    def _forget_opened_before(self, then: float) -> None:
+        opened = self._opened
+        while opened and opened[0] < then:
+            opened.popleft()
 
     def add(self, conn: Connection) -> None:
         self._queued.append(conn)
@@ -187,6 +219,8 @@ class Flusher:
         unheld = 1.0 - self._held / interval if interval > 0 else 1.0
         behind = bool(queued) and written / len(queued) * unheld >= BEHIND
         self._held = 3 * (finished - started) if behind else 0.0
+        if self._in_storm(finished):
+            self._held = max(self._held, self._storm_hold)
         self._not_before = finished + self._held
         self._last_end = finished
         # One observation per update, not per socket: they were all written just now.

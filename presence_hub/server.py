@@ -349,6 +349,7 @@ class Node:
             metrics=self.metrics,
             flusher=self.hub.flusher,
         )
+        self.hub.flusher.opened()
         try:
             await self.hub.join(conn)
             await self.registry.add_session(conn.session, conn.tenant, conn.user)
