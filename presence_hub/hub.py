@@ -57,9 +57,11 @@ SUBSCRIBE_CHUNK: Final = 1000
 #: Updates per socket per flush, had no flush been held back, from which the node is
 #: behind: its flushes are then spaced out.
 BEHIND: Final = 2.0
-#: Sockets opened within a second from which the node is in a connect storm, and how
-#: long its flushes are then spaced out.
-STORM_OPENS: Final = 300
+#: Sockets opened within STORM_WINDOW seconds from which the node is in a connect storm
+#: (300 a second), and how long its flushes are then spaced out. A short window: the
+#: storm's holds end soon after its last arrival.
+STORM_OPENS: Final = 75
+STORM_WINDOW: Final = 0.25
 STORM_HOLD: Final = 0.25
 #: Looked up once: an enum member read through its class costs more than a write's checks.
 _OPEN: Final = State.OPEN
@@ -107,10 +109,11 @@ class Flusher:
     so a socket given several updates in one pass (a busy node reads many published
     updates per pass) pays for one; an idle node adds one pass of delay. A node that
     falls behind spaces its flushes out, so that each ``send()`` carries more updates.
-    So does a node in a connect storm (``storm_opens`` sockets opened within a second):
-    each arrival's presence goes to every watcher already connected, a ``send()`` each,
-    and those sends slow the arrivals down. Held back ``storm_hold`` seconds, a socket's
-    updates share one; presence moves up to about that much late while the storm lasts.
+    So does a node in a connect storm (``storm_opens`` sockets opened within
+    ``STORM_WINDOW`` seconds): each arrival's presence goes to every watcher already
+    connected, a ``send()`` each, and those sends slow the arrivals down. Held back
+    ``storm_hold`` seconds, a socket's updates share one; presence moves up to about
+    that much late while the storm lasts.
     """
 
     __slots__ = (
@@ -133,7 +136,7 @@ class Flusher:
         self._metrics = metrics
         self._storm_opens = storm_opens
         self._storm_hold = storm_hold
-        #: Loop times of the sockets opened within the last second.
+        #: Loop times of the sockets opened within the last STORM_WINDOW seconds.
         self._opened: deque[float] = deque()
         self._queued: list[Connection] = []
         #: When the inputs behind this pass's updates arrived, for the latency metric.
@@ -151,10 +154,10 @@ class Flusher:
         """A socket was opened (counted towards a connect storm)."""
         now = asyncio.get_running_loop().time()
         self._opened.append(now)
-        self._forget_opened_before(now - 1.0)
+        self._forget_opened_before(now - STORM_WINDOW)
 
     def _in_storm(self, now: float) -> bool:
-        self._forget_opened_before(now - 1.0)
+        self._forget_opened_before(now - STORM_WINDOW)
         return len(self._opened) >= self._storm_opens
 
     def _forget_opened_before(self, then: float) -> None:

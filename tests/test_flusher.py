@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import cast
 
-from presence_hub.hub import BEHIND, Connection, Flusher
+from presence_hub.hub import BEHIND, STORM_WINDOW, Connection, Flusher
 from presence_hub.metrics import Metrics
 from tests.utils import eventually
 
@@ -98,7 +98,7 @@ async def test_once_the_storm_is_over_updates_go_out_at_once_again() -> None:
     socket = PendingSocket(flusher)
     for _ in range(3):
         flusher.opened()
-    # The storm counts the sockets opened within the last second.
-    await asyncio.sleep(1.1)
+    # The storm counts the sockets opened within the last STORM_WINDOW seconds.
+    await asyncio.sleep(STORM_WINDOW + 0.5)
     await hand_three_a_pass_apart(socket)
     assert socket.sends == [1, 1, 1]
