@@ -59,6 +59,10 @@ _HELP = {
     "keepalive": "seconds between pings; a socket that misses one is closed as dead",
     "socket_send_buffer": "kernel send buffer per socket, in bytes",
     "min_auto_away": "shortest auto-away setting a client may choose, in seconds",
+    "storm_rate": (
+        "sockets opened per second from which a node is in a connect storm and writes "
+        "each socket's updates together every quarter of a second (0: never)"
+    ),
     "workers": "worker processes on the same ports (SO_REUSEPORT), to use every core",
     "log_json": "log one JSON object per line",
     "log_level": "DEBUG, INFO, WARNING or ERROR",

@@ -41,6 +41,9 @@ class Settings:
     socket_send_buffer: int = 64 * 1024
     #: The shortest auto-away setting a client may choose (PROTOCOL.md: 60 s).
     min_auto_away: float = 60.0
+    #: Sockets opened per second from which a node is in a connect storm and writes each
+    #: socket's updates together every quarter of a second (0: never).
+    storm_rate: int = 300
     #: Worker processes sharing the ports (SO_REUSEPORT), each a node of its own.
     workers: int = 1
     log_json: bool = False

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sys
 import time
 from collections import Counter, defaultdict, deque
@@ -57,10 +58,10 @@ SUBSCRIBE_CHUNK: Final = 1000
 #: Updates per socket per flush, had no flush been held back, from which the node is
 #: behind: its flushes are then spaced out.
 BEHIND: Final = 2.0
-#: Sockets opened within STORM_WINDOW seconds from which the node is in a connect storm
-#: (300 a second), and how long its flushes are then spaced out. A short window: the
-#: storm's holds end soon after its last arrival.
-STORM_OPENS: Final = 75
+#: Sockets opened per second from which the node is in a connect storm (the default of
+#: ``--storm-rate``), counted over STORM_WINDOW seconds, and how long its flushes are then
+#: spaced out. A short window: the storm's holds end soon after its last arrival.
+STORM_RATE: Final = 300
 STORM_WINDOW: Final = 0.25
 STORM_HOLD: Final = 0.25
 #: Looked up once: an enum member read through its class costs more than a write's checks.
@@ -109,11 +110,11 @@ class Flusher:
     so a socket given several updates in one pass (a busy node reads many published
     updates per pass) pays for one; an idle node adds one pass of delay. A node that
     falls behind spaces its flushes out, so that each ``send()`` carries more updates.
-    So does a node in a connect storm (``storm_opens`` sockets opened within
-    ``STORM_WINDOW`` seconds): each arrival's presence goes to every watcher already
-    connected, a ``send()`` each, and those sends slow the arrivals down. Held back
-    ``storm_hold`` seconds, a socket's updates share one; presence moves up to about
-    that much late while the storm lasts.
+    So does a node in a connect storm (``storm_rate`` sockets opened per second, counted
+    over ``STORM_WINDOW`` seconds; 0 for never): each arrival's presence goes to every
+    watcher already connected, a ``send()`` each, and those sends slow the arrivals down.
+    Held back ``storm_hold`` seconds, a socket's updates share one; presence moves up to
+    about that much late while the storm lasts.
     """
 
     __slots__ = (
@@ -131,10 +132,11 @@ class Flusher:
     )
 
     def __init__(
-        self, metrics: Metrics, storm_opens: int = STORM_OPENS, storm_hold: float = STORM_HOLD
+        self, metrics: Metrics, storm_rate: int = STORM_RATE, storm_hold: float = STORM_HOLD
     ) -> None:
         self._metrics = metrics
-        self._storm_opens = storm_opens
+        #: Sockets opened within STORM_WINDOW seconds that make a storm; None: never.
+        self._storm_opens = math.ceil(storm_rate * STORM_WINDOW) if storm_rate > 0 else None
         self._storm_hold = storm_hold
         #: Loop times of the sockets opened within the last STORM_WINDOW seconds.
         self._opened: deque[float] = deque()
@@ -158,7 +160,7 @@ class Flusher:
 
     def _in_storm(self, now: float) -> bool:
         self._forget_opened_before(now - STORM_WINDOW)
-        return len(self._opened) >= self._storm_opens
+        return self._storm_opens is not None and len(self._opened) >= self._storm_opens
 
     def _forget_opened_before(self, then: float) -> None:
         opened = self._opened
@@ -224,6 +226,7 @@ class Flusher:
         self._held = 3 * (finished - started) if behind else 0.0
         if self._in_storm(finished):
             self._held = max(self._held, self._storm_hold)
+            self._metrics.storm_holds.inc()
         self._not_before = finished + self._held
         self._last_end = finished
         # One observation per update, not per socket: they were all written just now.
@@ -552,7 +555,14 @@ class _Shard:
 
 
 class Hub:
-    def __init__(self, store: PresenceStore, listen_redis: RedisClient, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: PresenceStore,
+        listen_redis: RedisClient,
+        metrics: Metrics,
+        *,
+        storm_rate: int = STORM_RATE,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         #: Where the listening connections come from: its pool's settings on a single
@@ -573,7 +583,7 @@ class Hub:
         self._lost = asyncio.Event()
         self._ready = asyncio.Event()
         self.connections: set[Connection] = set()
-        self.flusher = Flusher(metrics)
+        self.flusher = Flusher(metrics, storm_rate)
 
     @property
     def subscriptions(self) -> int:

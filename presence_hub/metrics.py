@@ -70,6 +70,12 @@ class Metrics:
             "deliveries over writes is how many updates a send() carries.",
             registry=r,
         )
+        self.storm_holds = Counter(
+            "presence_hub_storm_held_flushes",
+            "Writes of updates held back a quarter of a second because the node was in a "
+            "connect storm.",
+            registry=r,
+        )
         self.coalesced = Counter(
             "presence_hub_coalesced_updates",
             "Updates replaced by a newer one before a slow socket took them.",

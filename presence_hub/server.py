@@ -169,7 +169,7 @@ class Node:
         self.registry = NodeRegistry(
             redis, self.id, settings.lease, lease_redis=lease_redis, batcher=self.store.batcher
         )
-        self.hub = Hub(self.store, pubsub_redis, self.metrics)
+        self.hub = Hub(self.store, pubsub_redis, self.metrics, storm_rate=settings.storm_rate)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()
         )

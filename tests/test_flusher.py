@@ -73,7 +73,8 @@ async def hand_three_a_pass_apart(socket: PendingSocket) -> None:
 
 
 async def test_a_node_keeping_up_writes_each_update_at_once() -> None:
-    flusher = Flusher(Metrics(), storm_opens=3, storm_hold=5.0)
+    # A storm is 3 sockets opened within STORM_WINDOW seconds.
+    flusher = Flusher(Metrics(), storm_rate=round(3 / STORM_WINDOW), storm_hold=5.0)
     socket = PendingSocket(flusher)
     flusher.opened()  # a socket opened, as ever; not a storm
     await hand_three_a_pass_apart(socket)
@@ -82,7 +83,7 @@ async def test_a_node_keeping_up_writes_each_update_at_once() -> None:
 
 async def test_in_a_connect_storm_a_sockets_updates_go_out_together() -> None:
     metrics = Metrics()
-    flusher = Flusher(metrics, storm_opens=3, storm_hold=5.0)
+    flusher = Flusher(metrics, storm_rate=round(3 / STORM_WINDOW), storm_hold=5.0)
     socket = PendingSocket(flusher)
     for _ in range(3):
         flusher.opened()
@@ -91,10 +92,11 @@ async def test_in_a_connect_storm_a_sockets_updates_go_out_together() -> None:
     assert socket.sends == [1, 2]
     assert metrics.registry.get_sample_value("presence_hub_update_writes_total") == 2
     assert metrics.registry.get_sample_value("presence_hub_deliveries_total") == 3
+    assert metrics.registry.get_sample_value("presence_hub_storm_held_flushes_total") == 1
 
 
 async def test_once_the_storm_is_over_updates_go_out_at_once_again() -> None:
-    flusher = Flusher(Metrics(), storm_opens=3, storm_hold=0.2)
+    flusher = Flusher(Metrics(), storm_rate=round(3 / STORM_WINDOW), storm_hold=0.2)
     socket = PendingSocket(flusher)
     for _ in range(3):
         flusher.opened()

@@ -569,3 +569,21 @@ async def test_a_half_open_connection_is_found_by_keepalive(start_node: StartNod
     assert snapshot["presences"][0]["status"] == "available"
     assert (await carol.request({"type": "set_status", "status": "busy"}))["type"] == "ok"
     ghost.transport.abort()
+
+
+@pytest.mark.parametrize(("storm_rate", "held"), [(4, True), (0, False)])
+async def test_a_connect_storm_holds_back_the_nodes_writes_unless_turned_off(
+    start_node: StartNode, storm_rate: int, held: bool
+) -> None:
+    # At 4 a second, any socket opened within the last quarter of a second makes a storm.
+    node = await start_node(storm_rate=storm_rate)
+    users = [f"arriving{n}" for n in range(5)]
+    watcher = await Client.connect(ws_url(node), make_token("watcher"))
+    await watcher.request({"type": "subscribe", "users": users})
+    for user in users:
+        await Client.connect(ws_url(node), make_token(user))
+    # Held back or not, every arrival reaches the watcher.
+    for user in users:
+        await watcher.presence(user, status="available")
+    holds = node.metrics.registry.get_sample_value("presence_hub_storm_held_flushes_total")
+    assert (holds is not None and holds > 0) is held
