@@ -22,6 +22,9 @@ Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures
 and writes them to bench/results/SCENARIO.json. ``--repeat N`` runs it N times
 (a shared machine's figures vary from run to run; the docs give their spread).
+``--loop asyncio`` runs the load generator on asyncio's loop instead of uvloop, and
+``--storm-rate N`` passes ``--storm-rate N`` to every hub (0: no connect storm hold),
+for the comparisons in docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ from loadtest import ServerFrame, WorkerStats, open_client  # noqa: E402
 SECRET = "bench-secret-bench-secret-bench-secret"
 TENANT = "loadtest"
 RESULTS = ROOT / "bench" / "results"
+#: Set from the command line: flags for every hub, and for every load tester run.
+HUB_FLAGS: list[str] = []
+LOADTEST_FLAGS: list[str] = []
 SCENARIOS = [
     "fanout", "latency", "ingest", "connect", "idle", "cores", "nodes", "floor", "micro",
     "instructions",
@@ -85,7 +91,7 @@ def hub(
             *(under or []), sys.executable, "-m", "presence_hub", "serve",
             "--ws-port", str(ws_port), "--http-port", str(http_port),
             "--data-dir", data, "--secret", SECRET, "--log-level", "WARNING",
-            "--rate-limit", "100000", "--rate-burst", "100000", *extra,
+            "--rate-limit", "100000", "--rate-burst", "100000", *HUB_FLAGS, *extra,
             *(["--redis-url", redis_url] if redis_url else []),
         ]  # fmt: skip
         process = subprocess.Popen(args)
@@ -126,7 +132,7 @@ def loadtest(ws: str, http: str, procs: list[psutil.Process], *args: str) -> dic
             sys.executable, str(ROOT / "scripts" / "loadtest.py"),
             "--url", ws, "--http-url", http, "--secret", SECRET, "--tenant", TENANT,
             "--json", out.name, "--quiet",
-            *[a for p in procs for a in ("--hub-pid", str(p.pid))], *args,
+            *[a for p in procs for a in ("--hub-pid", str(p.pid))], *LOADTEST_FLAGS, *args,
         ]  # fmt: skip
         subprocess.run(command, check=False, timeout=3600, stdout=subprocess.DEVNULL)
         report: dict[str, Any] = json.loads(Path(out.name).read_text())
@@ -139,8 +145,8 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     keys = [
-        "clients", "connected", "rate_target", "changes_per_second", "deliveries_per_second",
-        "run_seconds",
+        "clients", "connected", "event_loop", "rate_target", "changes_per_second",
+        "deliveries_per_second", "run_seconds",
         "latency_ms", "hub_latency_ms_at_most", "contact_views_stale", "hub_cpu_us_per_delivery",
         "hub_cpu_share", "load_generator_cpu_share", "hub_rss_mib",
         "connect_and_subscribe_seconds", "hub_cpu_seconds_connecting",
@@ -515,7 +521,17 @@ def main() -> None:
         metavar="N",
         help="run the scenario N times (1-10); the JSON then holds every run, in order",
     )
+    parser.add_argument(
+        "--loop", choices=["uvloop", "asyncio"], help="the load generator's event loop"
+    )
+    parser.add_argument(
+        "--storm-rate", type=int, metavar="N", help="the hubs' --storm-rate (0: no storm hold)"
+    )
     opts = parser.parse_args()
+    if opts.loop:
+        LOADTEST_FLAGS.extend(["--loop", opts.loop])
+    if opts.storm_rate is not None:
+        HUB_FLAGS.extend(["--storm-rate", str(opts.storm_rate)])
     results = []
     for _ in range(opts.repeat):
         results.append(run(opts.scenario))
