@@ -287,8 +287,8 @@ async def ingest_ws(
 
 
 def _accepted(reply: ServerFrame) -> bool:
-    """An event's reply: ``ok`` with a result map that is not ``rejected``."""
-    return reply.type == "ok" and reply.result is not None and reply.result["result"] != "rejected"
+    """An event's reply: ``ok`` with a result that is not ``rejected``."""
+    return reply.type == "ok" and reply.result is not None and reply.result != "rejected"
 
 
 def idle(count: int = 10000) -> dict[str, Any]:

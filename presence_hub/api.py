@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
-import msgpack
 from aiohttp import web
 
 from presence_hub import codec, rules
-from presence_hub.auth import Claims, Role, verify_token
-from presence_hub.errors import AuthError, StoreError
+from presence_hub.auth import Claims, Role, bearer_token, verify_token
+from presence_hub.errors import AuthError, FrameError, StoreError
 from presence_hub.events import apply_events
 from presence_hub.ids import UserId, are_valid_ids, is_valid_id
 
@@ -38,6 +38,11 @@ RULE_REASONS: Final = {
     9: "otherwise available",
 }
 
+#: The Content-Encodings of a body the hub inflates itself (aiohttp's would answer 500
+#: for a corrupt one, and 400 for one it lacks a library for); any other answers 415.
+BODY_ENCODINGS: Final = ("identity", "gzip", "deflate")
+MSGPACK_TYPES: Final = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NODE: web.AppKey[Node] = web.AppKey("node")
 
@@ -47,15 +52,15 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _authorize(request: web.Request, roles: tuple[Role, ...]) -> Claims:
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() != "bearer ":
+    token = bearer_token(request.headers.get("Authorization", ""))
+    if token is None:
         raise web.HTTPUnauthorized(
             text=json.dumps({"error": "missing bearer token"}),
             content_type="application/json",
             headers={"WWW-Authenticate": 'Bearer realm="presence-hub"'},
         )
     try:
-        claims = verify_token(header[7:].strip(), request.app[NODE].secret)
+        claims = verify_token(token, request.app[NODE].secret)
     except AuthError as exc:
         raise web.HTTPUnauthorized(
             text=json.dumps({"error": str(exc)}),
@@ -74,14 +79,20 @@ async def post_events(request: web.Request) -> web.Response:
     arrived = time.time()
     claims = _authorize(request, ("producer", "admin"))
     node = request.app[NODE]
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in BODY_ENCODINGS:
+        return _error(415, f"Content-Encoding must be one of {', '.join(BODY_ENCODINGS)}")
     raw = await request.read()  # over MAX_BODY: aiohttp answers 413
+    if encoding != "identity":
+        try:
+            raw = _decompress(raw)
+        except zlib.error as exc:
+            return _error(400, f"malformed body: not {encoding}: {exc}")
+    fmt: codec.Format = "msgpack" if request.content_type in MSGPACK_TYPES else "json"
     try:
-        if request.content_type == "application/msgpack":
-            body = msgpack.unpackb(raw)
-        else:
-            body = json.loads(raw)
-    except (ValueError, msgpack.UnpackException, TypeError) as exc:
-        return _error(400, f"malformed body: {exc}")
+        body = codec.load(raw, fmt)
+    except FrameError as exc:
+        return _error(400, f"malformed body: {exc.message}")
     if not isinstance(body, dict) or not isinstance(body.get("events"), list):
         return _error(400, 'the body must be {"events": [Event, ...]}')
     events = body["events"]
@@ -92,6 +103,17 @@ async def post_events(request: web.Request) -> web.Response:
             node.store, claims.tenant, events, origin=arrived, metrics=node.metrics
         )
     return web.json_response({"results": results})
+
+
+def _decompress(raw: bytes) -> bytes:
+    """A gzip or zlib body, inflated to at most MAX_BODY (a small bomb is no large body)."""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # either header
+    body = inflater.decompress(raw, MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
+    if not inflater.eof:
+        raise zlib.error("truncated")
+    return body
 
 
 async def get_presence(request: web.Request) -> web.Response:

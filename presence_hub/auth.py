@@ -13,7 +13,15 @@ import jwt
 from presence_hub.errors import AuthError
 from presence_hub.ids import TenantId, UserId, is_valid_id
 
-__all__ = ["ROLES", "Claims", "Role", "issue_token", "load_or_create_secret", "verify_token"]
+__all__ = [
+    "ROLES",
+    "Claims",
+    "Role",
+    "bearer_token",
+    "issue_token",
+    "load_or_create_secret",
+    "verify_token",
+]
 
 Role: TypeAlias = Literal["user", "producer", "admin"]
 ROLES: Final[tuple[Role, ...]] = ("user", "producer", "admin")
@@ -31,8 +39,17 @@ class Claims:
     expires_at: float
 
 
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, if it is one."""
+    if header[:7].lower() != "bearer ":
+        return None
+    return header[7:].strip() or None
+
+
 def verify_token(token: str, secret: str) -> Claims:
     """The token's claims, or AuthError saying what is wrong with it."""
+    if not token.isascii():  # a JWT is base64url and dots; PyJWT would fail to encode it
+        raise AuthError("invalid token: not ASCII")
     try:
         payload = _DECODER.decode(token, secret, algorithms=[ALGORITHM])
     except jwt.ExpiredSignatureError as exc:
@@ -44,12 +61,16 @@ def verify_token(token: str, secret: str) -> Claims:
     if not is_valid_id(user) or not is_valid_id(tenant):
         raise AuthError("invalid token: sub and tenant must be valid ids")
     if role not in ROLES:
-        raise AuthError(f"invalid token: unknown role {role!r}")
+        raise AuthError(f"invalid token: unknown role {str(role)[:32]!r}")
+    try:
+        expires_at = float(payload["exp"])
+    except OverflowError as exc:  # PyJWT takes an integer of any size
+        raise AuthError("invalid token: exp out of range") from exc
     return Claims(
         user=UserId(cast(str, user)),
         tenant=TenantId(cast(str, tenant)),
         role=cast(Role, role),
-        expires_at=float(payload["exp"]),
+        expires_at=expires_at,
     )
 
 

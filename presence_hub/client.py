@@ -226,10 +226,10 @@ class PresenceClient:
         await self._request({"type": "auth", "token": await self._current_token()})
 
     async def send_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
-        """Post a producer event over the WebSocket (needs a producer token)."""
+        """Post a producer event over the WebSocket (needs a producer token); its result,
+        as ``POST /v1/events`` gives it: ``result`` and, when rejected, ``error``."""
         reply = await self._request({"type": "event", "event": dict(event)})
-        result: dict[str, Any] = reply["result"]
-        return result
+        return {k: reply[k] for k in ("result", "error") if k in reply}
 
     # --- Plumbing -------------------------------------------------------------------
 

@@ -1,7 +1,10 @@
 """Frames of PROTOCOL.md: bytes or text in, typed requests out; maps out, bytes or text.
 
 Every way a frame can be wrong raises one error, ``FrameError`` with code
-``bad_request``, carrying the request's ``id`` when it could be read.
+``bad_request``, carrying the request's ``id`` when it could be read. What passes
+``load`` is bounded: nested at most ``MAX_DEPTH`` deep, every string valid Unicode
+(no lone surrogates), every number finite and within 64 bits; so nothing past the
+edge (the rules, Redis, a log call, an encoder) meets a value it cannot take.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ __all__ = [
     "decode_request",
     "encode",
     "error_frame",
+    "event_reply",
     "is_int",
     "is_number",
+    "load",
     "presence_frame",
     "presence_map",
     "request_id",
@@ -57,6 +62,12 @@ pack: Final = msgspec.msgpack.Encoder().encode
 #: Decoding trusted MessagePack (what this hub published): half the time of ``msgpack.unpackb``.
 unpack: Final = msgspec.msgpack.Decoder().decode
 RequestId: TypeAlias = int | str | None
+#: Frames of the protocol nest four levels at most (a frame, its event, ...).
+MAX_DEPTH: Final = 16
+#: MessagePack's integers: a JSON literal beyond them is refused, not carried along.
+_INT_RANGE: Final = range(-(2**63), 2**64)
+#: Strict JSON: unlike ``json.loads`` it refuses lone surrogates, NaN and Infinity.
+_load_json: Final = msgspec.json.Decoder().decode
 
 
 # --- Requests --------------------------------------------------------------------
@@ -140,19 +151,25 @@ Request: TypeAlias = (
 
 
 def decode_request(data: bytes | str, fmt: Format) -> Request:
-    frame = _load(data, fmt)
+    if fmt == "json" and not isinstance(data, str):
+        raise FrameError("bad_request", "presence.v1.json takes text frames")
+    if fmt == "msgpack" and not isinstance(data, bytes):
+        raise FrameError("bad_request", "presence.v1.msgpack takes binary frames")
+    frame = _decode(data, fmt)
     if not isinstance(frame, dict):
+        _check_bounds(frame, 0)
         raise FrameError("bad_request", "a frame must be a map")
     rid = frame.get("id")
     if not (
         rid is None
-        or (isinstance(rid, int) and not isinstance(rid, bool))
+        or (isinstance(rid, int) and not isinstance(rid, bool) and rid in _INT_RANGE)
         or (isinstance(rid, str) and len(rid) <= 64)
     ):
         raise FrameError(
             "bad_request", "id must be an integer or a string of at most 64 characters"
         )
     try:
+        _check_bounds(frame, 0)
         return _parse(frame, rid)
     except FrameError as exc:
         exc.request_id = rid
@@ -167,20 +184,38 @@ def request_id(data: bytes | str, fmt: Format) -> RequestId:
         return exc.request_id
 
 
-def _load(data: bytes | str, fmt: Format) -> Any:
-    if fmt == "json":
-        if not isinstance(data, str):
-            raise FrameError("bad_request", "presence.v1.json takes text frames")
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise FrameError("bad_request", f"not JSON: {exc}") from exc
-    if not isinstance(data, bytes):
-        raise FrameError("bad_request", "presence.v1.msgpack takes binary frames")
+def load(data: bytes | str, fmt: Format) -> Any:
+    """A request body (or any value) decoded within the bounds above, or FrameError."""
+    value = _decode(data, fmt)
+    _check_bounds(value, 0)
+    return value
+
+
+def _decode(data: bytes | str, fmt: Format) -> Any:
     try:
+        if fmt == "json":
+            return _load_json(data)
         return msgpack.unpackb(data, strict_map_key=True)
-    except (ValueError, msgpack.UnpackException, TypeError) as exc:
-        raise FrameError("bad_request", f"not MessagePack: {exc}") from exc
+    except (RecursionError, msgpack.StackError) as exc:
+        raise FrameError("bad_request", f"nested deeper than {MAX_DEPTH} levels") from exc
+    except (ValueError, msgspec.DecodeError, msgpack.UnpackException, TypeError) as exc:
+        name = "JSON" if fmt == "json" else "MessagePack"
+        raise FrameError("bad_request", f"not {name}: {exc}") from exc
+
+
+def _check_bounds(value: Any, depth: int) -> None:
+    kind = type(value)
+    if kind is dict or kind is list:
+        if depth >= MAX_DEPTH:
+            raise FrameError("bad_request", f"nested deeper than {MAX_DEPTH} levels")
+        for item in value.values() if kind is dict else value:
+            if type(item) is not str:  # the most frequent value needs no check
+                _check_bounds(item, depth + 1)
+    elif kind is int:
+        if value not in _INT_RANGE:
+            raise FrameError("bad_request", "an integer out of range (64 bits at most)")
+    elif kind is float and not math.isfinite(value):
+        raise FrameError("bad_request", "numbers must be finite")
 
 
 def _parse(frame: dict[Any, Any], rid: RequestId) -> Request:
@@ -238,7 +273,12 @@ def is_int(value: object) -> bool:
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number that converts to a float (an int of any size would not)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value in _INT_RANGE
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _optional_number(frame: Mapping[str, Any], field: str) -> float | None:
@@ -266,6 +306,14 @@ def encode(frame: Mapping[str, Any], fmt: Format) -> bytes | str:
             frame, separators=(",", ":"), ensure_ascii=False, default=msgspec.to_builtins
         )
     return pack(frame)
+
+
+def event_reply(request_id: RequestId, result: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``ok`` that answers an ``event`` frame: its result and, if rejected, why."""
+    frame: dict[str, Any] = {"type": "ok", "id": request_id, "result": result["result"]}
+    if "error" in result:
+        frame["error"] = result["error"]
+    return frame
 
 
 def error_frame(code: str, message: str, request_id: RequestId = None) -> dict[str, Any]:

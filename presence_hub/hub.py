@@ -781,9 +781,16 @@ class Hub:
             self._shard_for(None)  # a single Redis: listen even before anyone watches
         for shard, group in self._by_shard([*self._watchers, *self._owners]).items():
             shard.subscribe(group)
-        lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
         shards = list(self._shards.values())
-        up: asyncio.Future[Any] = asyncio.gather(*(shard.up.wait() for shard in shards))
+
+        async def all_up() -> None:
+            for shard in shards:
+                await shard.up.wait()
+
+        lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
+        # A task, not gather(): a gather cancelled here holds a CancelledError that
+        # nobody retrieves, and asyncio logs it with a traceback at every retry.
+        up: asyncio.Future[Any] = asyncio.ensure_future(all_up())
         try:
             await asyncio.wait([lost, up], return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -25,7 +25,7 @@ from websockets.typing import Subprotocol
 
 from presence_hub import codec, rules
 from presence_hub.api import make_app
-from presence_hub.auth import Claims, verify_token
+from presence_hub.auth import Claims, bearer_token, verify_token
 from presence_hub.codec import FORMATS
 from presence_hub.config import Settings
 from presence_hub.errors import AuthError, FrameError, StoreError, StoreUnavailable
@@ -119,7 +119,7 @@ class _EventBatcher:
                             metrics=node.metrics,
                         )
                     replies = [
-                        {"type": "ok", "id": rid, "result": result}
+                        codec.event_reply(rid, result)
                         for (rid, _, _), result in zip(batch, results, strict=True)
                     ]
                 except (StoreUnavailable, TimeoutError):
@@ -217,7 +217,9 @@ class Node:
             max_queue=4,
             backlog=4096,
         )
-        self._http = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+        self._http = web.AppRunner(
+            make_app(self), access_log=None, handle_signals=False, auto_decompress=False
+        )
         await self._http.setup()
         await web.TCPSite(
             self._http,
@@ -315,8 +317,7 @@ class Node:
         if url.path != WS_PATH:
             return ws.respond(HTTPStatus.NOT_FOUND, f"not found; the WebSocket is at {WS_PATH}\n")
         query = parse_qs(url.query)
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        token = bearer_token(request.headers.get("Authorization", ""))
         token = token or next(iter(query.get("access_token", [])), None)
         if not token:
             return _unauthorized(ws, "missing token")

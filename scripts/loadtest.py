@@ -76,8 +76,8 @@ class ServerFrame(msgspec.Struct):
     # A batch of presence frames, and a snapshot.
     items: list[Presence] = []
     presences: list[Presence] = []
-    # The reply to an event: its result map.
-    result: dict[str, Any] | None = None
+    # The reply to an event: its result.
+    result: str | None = None
 
 
 decode_frame = msgspec.msgpack.Decoder(ServerFrame).decode

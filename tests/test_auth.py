@@ -37,3 +37,20 @@ def test_a_token_without_what_the_protocol_requires_is_refused(
     token = jwt.encode(claims, SECRET if algorithm != "none" else None, algorithm=algorithm)
     with pytest.raises(AuthError, match=why):
         verify_token(token, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        pytest.param(
+            jwt.encode({"sub": "alice", "tenant": "acme", "exp": 10**400}, SECRET),
+            "exp out of range",
+            id="exp-beyond-a-float",
+        ),
+        pytest.param("\ud800.\ud800.\ud800", "not ASCII", id="lone-surrogates"),
+        pytest.param("é" * 50, "not ASCII", id="not-ascii"),
+    ],
+)
+def test_a_hostile_token_is_refused_as_invalid(token: str, why: str) -> None:
+    with pytest.raises(AuthError, match=why):
+        verify_token(token, SECRET)

@@ -126,7 +126,10 @@ async def test_producers_over_http_and_websocket(start_node: StartNode) -> None:
         assert refused.value.code == "403"
     async with PresenceClient(ws_url(node), PRODUCER) as producer_ws:
         end = {**call, "event_id": "e2", "kind": "call_ended"}
-        assert await producer_ws.send_event(end) == {"event_id": "e2", "result": "applied"}
+        assert await producer_ws.send_event(end) == {"result": "applied"}
+        rejected = await producer_ws.send_event({**end, "event_id": "e3", "kind": "x"})
+        assert rejected["result"] == "rejected"
+        assert "kind" in rejected["error"]
 
 
 async def test_watch_shows_changes_as_they_happen(start_node: StartNode) -> None:
