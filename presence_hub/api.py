@@ -209,17 +209,28 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def store_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Redis away: 503, so that producers retry; nothing half-done stays visible."""
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answers ``{"error": ...}``, aiohttp's own (404, 405, 413) included;
+    Redis away is 503, so that producers retry (nothing half-done stays visible)."""
     try:
         return await handler(request)
     except StoreError as exc:
         request.app[NODE].metrics.redis_errors.inc()
         return web.json_response({"error": f"store unavailable: {exc}"}, status=503)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        return web.json_response(
+            {"error": exc.reason}, status=exc.status, headers=_kept_headers(exc)
+        )
+
+
+def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
 
 
 def make_app(node: Node) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[store_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
     app[NODE] = node
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/v1/presence", get_presence)

@@ -155,16 +155,16 @@ def decode_request(data: bytes | str, fmt: Format) -> Request:
         raise FrameError("bad_request", "presence.v1.json takes text frames")
     if fmt == "msgpack" and not isinstance(data, bytes):
         raise FrameError("bad_request", "presence.v1.msgpack takes binary frames")
-    frame = _decode(data, fmt)
+    try:
+        frame = _decode(data, fmt)
+    except FrameError as exc:
+        exc.request_id = _salvage_id(data, fmt)
+        raise
     if not isinstance(frame, dict):
         _check_bounds(frame, 0)
         raise FrameError("bad_request", "a frame must be a map")
     rid = frame.get("id")
-    if not (
-        rid is None
-        or (isinstance(rid, int) and not isinstance(rid, bool) and rid in _INT_RANGE)
-        or (isinstance(rid, str) and len(rid) <= 64)
-    ):
+    if not (rid is None or _is_request_id(rid)):
         raise FrameError(
             "bad_request", "id must be an integer or a string of at most 64 characters"
         )
@@ -174,6 +174,34 @@ def decode_request(data: bytes | str, fmt: Format) -> Request:
     except FrameError as exc:
         exc.request_id = rid
         raise
+
+
+def _is_request_id(rid: object) -> bool:
+    if isinstance(rid, str):
+        return len(rid) <= 64
+    return isinstance(rid, int) and not isinstance(rid, bool) and rid in _INT_RANGE
+
+
+def _salvage_id(data: bytes | str, fmt: Format) -> RequestId:
+    """The id of a frame the strict decoders refuse (NaN, Infinity, a lone surrogate or
+    invalid UTF-8 somewhere in it), read leniently so that the error still answers the
+    request; only on this error path."""
+    try:
+        if fmt == "json":
+            frame = json.loads(data)
+        else:
+            frame = msgpack.unpackb(data, strict_map_key=False, unicode_errors="surrogateescape")
+    except (ValueError, RecursionError, msgpack.UnpackException, TypeError):
+        return None
+    rid = frame.get("id") if isinstance(frame, dict) else None
+    if not _is_request_id(rid):
+        return None
+    if isinstance(rid, str) and not rid.isascii():
+        try:
+            rid.encode()
+        except UnicodeEncodeError:  # a surrogate of its own
+            return None
+    return rid
 
 
 def request_id(data: bytes | str, fmt: Format) -> RequestId:
