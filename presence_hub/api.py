@@ -170,6 +170,7 @@ async def explain(request: web.Request) -> web.Response:
             "last_activity": state.last_activity,
             "auto_away_after": state.auto_away_after,
             "idle": state.idle,
+            "corrupt_record": await node.store.corrupt_record(claims.tenant, UserId(user)),
         }
     )
 

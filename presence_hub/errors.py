@@ -5,7 +5,8 @@ The whole tree::
     PresenceHubError
     ├── StoreError               the store could not complete an operation
     │   ├── StoreUnavailable     Redis did not answer; retry later
-    │   └── StoreContention      a user's state kept changing under a writer
+    │   ├── StoreContention      a user's state kept changing under a writer
+    │   └── CorruptRecord        a stored state that does not decode (kept aside, salvaged)
     ├── EmbeddedRedisError       the embedded redis-server could not be started
     ├── AuthError                a token is missing, malformed, forged or expired
     └── FrameError               a client frame is malformed; carries the error code
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "CorruptRecord",
     "EmbeddedRedisError",
     "FrameError",
     "PresenceHubError",
@@ -38,6 +40,11 @@ class StoreUnavailable(StoreError):
 
 class StoreContention(StoreError):
     """A user's state changed under the writer more often than it retries."""
+
+
+class CorruptRecord(StoreError):
+    """A stored state record that does not decode; the store keeps it aside and goes on
+    from what it can still read of it."""
 
 
 class EmbeddedRedisError(PresenceHubError):

@@ -89,6 +89,11 @@ class Metrics:
             "Operations that failed because Redis did not answer.",
             registry=r,
         )
+        self.corrupt_records = Counter(
+            "presence_hub_corrupt_records",
+            "State records found not to decode (kept aside, salvaged), once per record and node.",
+            registry=r,
+        )
         self.store_seconds = Histogram(
             "presence_hub_store_seconds",
             "Time of one store operation (reads and an atomic commit), by operation.",

@@ -10,13 +10,15 @@ from typing import Any
 
 import msgpack
 import pytest
+from aiohttp import ClientSession
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from presence_hub import rules
 from presence_hub.ids import TenantId, UserId
-from presence_hub.store import keys
+from presence_hub.store import keys, serde
 from presence_hub.store.nodes import NODES_KEY
 from tests.conftest import SECRET, StartNode, make_token, ws_url
 from tests.utils import eventually
@@ -531,27 +533,58 @@ async def test_a_node_declared_dead_sends_its_clients_elsewhere(
     assert again.welcome["self"]["effective"] == "available"
 
 
-async def test_a_corrupt_record_is_an_internal_error_for_that_request_only(
-    start_node: StartNode, redis: Redis
+async def test_a_corrupt_record_is_kept_aside_and_the_user_goes_on(
+    start_node: StartNode, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     node = await start_node()
-    alice = await Client.connect(ws_url(node), make_token("alice"))
-    await redis.hset(
-        keys.state_key(TenantId("acme"), UserId("mallory")),
-        mapping={"rev": 3, "state": b"\x93garbage"},
-    )  # type: ignore[misc]
+    garbage = b"\x93garbage"
+    # One record beyond reading, one whose manual status can still be read.
+    state = rules.UserState(manual="dnd", view=rules.View(ver=3), self_ver=3)
+    readable = msgpack.unpackb(serde.encode_state(state))
+    readable["s"] = "not sessions"
+    records = {"mallory": garbage, "dora": msgpack.packb(readable)}
+    for user, blob in records.items():
+        await redis.hset(
+            keys.state_key(TenantId("acme"), UserId(user)), mapping={"rev": 3, "state": blob}
+        )  # type: ignore[misc]
+    bob = await Client.connect(ws_url(node), make_token("bob"))
+    await bob.request({"type": "subscribe", "users": ["mallory", "dora"]})
     producer = await Client.connect(ws_url(node), make_token("pbx", role="producer"))
-    event = {
-        "event_id": "x",
-        "kind": "call_started",
-        "user": "mallory",
-        "ref": "c",
-        "at": time.time(),
-    }
-    failed = await producer.request({"type": "event", "event": event})
-    assert (failed["type"], failed["code"]) == ("error", "internal")
-    assert (await alice.request({"type": "set_status", "status": "busy"}))["type"] == "ok"
-    assert (await producer.request({"type": "query", "users": ["alice"]}))["type"] == "snapshot"
+    event = {"event_id": "x", "kind": "call_started", "user": "mallory", "ref": "c"}
+    applied = await producer.request({"type": "event", "event": {**event, "at": time.time()}})
+    assert (applied["type"], applied["result"]) == ("ok", "applied")
+
+    # Mallory goes on from the defaults, with the call: observers get versions above
+    # any the corrupt record could have published.
+    mallory = await Client.connect(ws_url(node), make_token("mallory"))
+    assert (mallory.welcome["self"]["manual"], mallory.welcome["self"]["calls"]) == (
+        "available",
+        1,
+    )
+    update = await bob.presence("mallory", status="on_call")
+    assert update["ver"] > 3
+    dora = await Client.connect(ws_url(node), make_token("dora"))
+    assert dora.welcome["self"]["manual"] == "dnd"
+    assert (await bob.presence("dora", status="dnd"))["ver"] > 3
+
+    # The bytes are kept for an operator, explain says what was lost, metrics count it.
+    aside = keys.corrupt_key(TenantId("acme"), UserId("mallory"))
+    assert await redis.hget(aside, "raw") == garbage  # type: ignore[misc]
+    admin = {"Authorization": f"Bearer {make_token('ops', role='admin')}"}
+    base = f"http://127.0.0.1:{node.http_port}"
+    async with ClientSession() as http:
+        async with http.get(f"{base}/v1/users/dora/explain", headers=admin) as r:
+            found = (await r.json())["corrupt_record"]
+        async with http.get(f"{base}/v1/users/bob/explain", headers=admin) as r:
+            assert (await r.json())["corrupt_record"] is None
+        async with http.get(f"{base}/metrics") as r:
+            metrics = await r.text()
+    assert "sessions" in found["lost"]
+    assert "manual" not in found["lost"]
+    assert found["bytes"] == len(records["dora"])
+    assert "presence_hub_corrupt_records_total 2.0" in metrics
+    logged = [r.getMessage() for r in caplog.records if "corrupt state record" in r.getMessage()]
+    assert len(logged) == 2, logged
 
 
 async def test_a_half_open_connection_is_found_by_keepalive(start_node: StartNode) -> None:

@@ -22,6 +22,7 @@ from presence_hub.ids import TenantId, UserId
 __all__ = [
     "PARTITIONS",
     "channel_member",
+    "corrupt_key",
     "event_key",
     "key_slot",
     "member",
@@ -96,6 +97,11 @@ def presence_channel(tenant: TenantId, user: UserId) -> str:
 
 def self_channel(tenant: TenantId, user: UserId) -> str:
     return f"{_prefix(tenant, user)}:s"
+
+
+def corrupt_key(tenant: TenantId, user: UserId) -> str:
+    """Where a state record that does not decode is kept aside for an operator."""
+    return f"{_prefix(tenant, user)}:corrupt"
 
 
 def event_key(tenant: TenantId, user: UserId, event_id: str) -> str:

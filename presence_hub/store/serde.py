@@ -1,16 +1,30 @@
-"""A user's state as a compact MessagePack blob, and back."""
+"""A user's state as a compact MessagePack blob, and back; and what can still be
+trusted of a blob that no longer decodes."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
 
 import msgpack
+import msgspec
 
 from presence_hub.codec import pack
+from presence_hub.errors import CorruptRecord
 from presence_hub.ids import SessionId
-from presence_hub.rules import Activity, Session, UserState, View
+from presence_hub.rules import (
+    MANUAL_STATUSES,
+    STATUSES,
+    Activity,
+    Device,
+    Manual,
+    Session,
+    Status,
+    UserState,
+    View,
+)
 
-__all__ = ["decode_state", "encode_state"]
+__all__ = ["decode_state", "encode_state", "salvage_state"]
 
 # Bump when the layout changes incompatibly; decode_state must read every older one.
 _FORMAT = 1
@@ -37,6 +51,17 @@ def encode_state(state: UserState) -> bytes:
 
 
 def decode_state(data: bytes) -> UserState:
+    """The state of a blob, or CorruptRecord."""
+    try:
+        state = _decode(data)
+    except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
+        raise CorruptRecord(f"undecodable state record: {exc!r}"[:200]) from exc
+    if state.manual not in MANUAL_STATUSES or state.view.status not in STATUSES:
+        raise CorruptRecord("state record with an unknown status")
+    return state
+
+
+def _decode(data: bytes) -> UserState:
     blob = msgpack.unpackb(data)
     status, message, since, ver = blob["v"]
     return UserState(
@@ -56,3 +81,62 @@ def decode_state(data: bytes) -> UserState:
         view=View(status=status, message=message, since=since, ver=ver),
         self_ver=blob["sv"],
     )
+
+
+_Time = float | None
+_Times = dict[str, tuple[float, float]]
+#: Each field of the state, read on its own from a blob that does not decode as a
+#: whole: (its key in the blob, how to read it).
+_SALVAGE: Final[dict[str, tuple[str, Callable[[Any], Any]]]] = {
+    "manual": ("m", lambda v: msgspec.convert(v, Manual)),
+    "message": ("msg", lambda v: msgspec.convert(v, str | None)),
+    "message_expires_at": ("mx", lambda v: msgspec.convert(v, _Time)),
+    "auto_away_after": ("aa", lambda v: msgspec.convert(v, _Time)),
+    "last_activity": ("la", lambda v: msgspec.convert(v, _Time)),
+    "idle": ("idle", lambda v: msgspec.convert(v, bool)),
+    "sessions": (
+        "s",
+        lambda v: {
+            SessionId(k): Session(device=d, node=n, since=t, grace_until=g)
+            for k, (d, n, t, g) in msgspec.convert(
+                v, dict[str, tuple[Device, str, float, _Time]]
+            ).items()
+        },
+    ),
+    "calls": ("c", lambda v: {k: Activity(*a) for k, a in msgspec.convert(v, _Times).items()}),
+    "meetings": (
+        "mt",
+        lambda v: {k: Activity(*a) for k, a in msgspec.convert(v, _Times).items()},
+    ),
+    "ended": ("e", lambda v: msgspec.convert(v, dict[str, float])),
+    "view": (
+        "v",
+        lambda v: View(*msgspec.convert(v, tuple[Status, str | None, _Time, int])),
+    ),
+    "self_ver": ("sv", lambda v: msgspec.convert(v, int)),
+}
+
+
+def salvage_state(data: bytes, rev: int) -> tuple[UserState, list[str]]:
+    """What can still be trusted of a blob that ``decode_state`` refused, field by
+    field, and the names of the fields lost (they take their defaults). A lost view
+    or self version becomes ``rev``: each commit raises the revision by one and a
+    version by at most one, so versions published from here on stay the newest."""
+    try:
+        blob = msgpack.unpackb(data, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        blob = None
+    if not isinstance(blob, dict):
+        blob = {}
+    kept: dict[str, Any] = {}
+    lost: list[str] = []
+    for name, (key, read) in _SALVAGE.items():
+        try:
+            kept[name] = read(blob[key])
+        except (KeyError, TypeError, ValueError, msgspec.ValidationError):
+            lost.append(name)
+    if "view" in lost:
+        kept["view"] = View(ver=rev)
+    if "self_ver" in lost:
+        kept["self_ver"] = rev
+    return UserState(**kept), lost

@@ -40,11 +40,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from presence_hub import codec, rules
-from presence_hub.errors import StoreContention, StoreUnavailable
+from presence_hub.errors import CorruptRecord, StoreContention, StoreUnavailable
 from presence_hub.ids import TenantId, UserId
 from presence_hub.rules import Outcome, TimerFired, UserState, View
 from presence_hub.store import keys
-from presence_hub.store.serde import decode_state, encode_state
+from presence_hub.store.serde import decode_state, encode_state, salvage_state
 
 __all__ = [
     "EVENT_TTL",
@@ -311,8 +311,14 @@ class PresenceStore:
         clock: Callable[[], float] = time.time,
         event_ttl: int = EVENT_TTL,
         cache_size: int = 100_000,
+        on_corrupt_record: Callable[[], object] | None = None,
     ) -> None:
+        """``on_corrupt_record`` is called for each record found not to decode (once per
+        record and node)."""
         self.redis = redis
+        self._on_corrupt_record = on_corrupt_record
+        #: The corrupt records this node has logged: once each.
+        self._corrupt_logged: set[str] = set()
         self.cluster = isinstance(redis, RedisCluster)
         # Sharded pub/sub on a cluster: an update travels only within its user's shard.
         self._publish = "SPUBLISH" if self.cluster else "PUBLISH"
@@ -344,11 +350,68 @@ class PresenceStore:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for user in users:
-                    pipe.hget(keys.state_key(tenant, user), "state")
-                blobs: list[bytes | None] = await pipe.execute()
+                    pipe.hmget(keys.state_key(tenant, user), ["rev", "state"])
+                replies: list[list[bytes | None]] = await pipe.execute()
+            return [
+                UserState() if blob is None else await self._decode(tenant, user, rev, blob)
+                for user, (rev, blob) in zip(users, replies, strict=True)
+            ]
         except RedisError as exc:
             raise StoreUnavailable(_describe(exc)) from exc
-        return [UserState() if b is None else decode_state(b) for b in blobs]
+
+    async def _decode(
+        self, tenant: TenantId, user: UserId, rev: bytes | int | None, blob: bytes
+    ) -> UserState:
+        try:
+            return decode_state(blob)
+        except CorruptRecord as exc:
+            return await self._salvage(tenant, user, int(rev or 0), blob, exc)
+
+    async def _salvage(
+        self, tenant: TenantId, user: UserId, rev: int, blob: bytes, exc: CorruptRecord
+    ) -> UserState:
+        """A record that does not decode: its bytes are kept aside for an operator (the
+        first copy is never overwritten), and the user goes on from what can still be
+        read of it; the next commit replaces it."""
+        state, lost = salvage_state(blob, rev)
+        aside = keys.corrupt_key(tenant, user)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(aside, "raw", blob)  # type: ignore[arg-type]  # bytes are fine
+            pipe.hsetnx(aside, "found_at", repr(self._clock()))
+            pipe.hsetnx(aside, "lost", ",".join(lost))
+            pipe.hsetnx(aside, "error", str(exc))
+            await pipe.execute()
+        if aside not in self._corrupt_logged:
+            self._corrupt_logged.add(aside)
+            if self._on_corrupt_record is not None:
+                self._on_corrupt_record()
+            log.error(
+                "corrupt state record of %s/%s (%s): kept in %s; lost %s",
+                tenant,
+                user,
+                exc,
+                aside,
+                ", ".join(lost) or "nothing",
+            )
+        return state
+
+    async def corrupt_record(self, tenant: TenantId, user: UserId) -> dict[str, Any] | None:
+        """What was kept aside of the user's corrupt record, if any (for ``explain``)."""
+        aside = keys.corrupt_key(tenant, user)
+        try:
+            found: dict[bytes, bytes] = await self.redis.hgetall(aside)  # type: ignore[misc]
+        except RedisError as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        if not found:
+            return None
+        lost = found.get(b"lost", b"").decode()
+        return {
+            "key": aside,
+            "found_at": float(found.get(b"found_at", b"0")),
+            "bytes": len(found.get(b"raw", b"")),
+            "lost": lost.split(",") if lost else [],
+            "error": found.get(b"error", b"").decode(errors="replace"),
+        }
 
     async def views(self, tenant: TenantId, users: Sequence[UserId]) -> list[View]:
         """What observers see of each user; a user never seen is offline at ver 0."""
@@ -635,7 +698,7 @@ class PresenceStore:
                 if raw_rev is None or blob is None:
                     states[user] = (0, UserState())
                 else:
-                    states[user] = (int(raw_rev), decode_state(blob))
+                    states[user] = (int(raw_rev), await self._decode(tenant, user, raw_rev, blob))
             for n, flag in zip(group, values[2 * len(users) :], strict=True):
                 seen[n] = bool(flag)
         return states
@@ -659,7 +722,7 @@ class PresenceStore:
         seen = bool(extra) and bool(values[2])
         if rev is None or blob is None:
             return 0, UserState(), seen
-        return int(rev), decode_state(blob), seen
+        return int(rev), await self._decode(tenant, user, rev, blob), seen
 
     async def fire_due_timers(self, limit: int = 200) -> int:
         """Fire every due timer this node can claim; returns how many it fired.
