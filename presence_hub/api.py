@@ -194,9 +194,12 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("redis does not answer")
     if not node.accepting:
         problems.append("not accepting connections")
+    body: dict[str, Any] = {"status": "ready"}
     if problems:
-        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
-    return web.json_response({"status": "ready"})
+        body = {"status": "unavailable", "problems": problems}
+    if node.redis_warnings:
+        body["warnings"] = node.redis_warnings
+    return web.json_response(body, status=503 if problems else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -63,6 +63,9 @@ _HELP = {
         "sockets opened per second from which a node is in a connect storm and writes "
         "each socket's updates together every quarter of a second (0: never)"
     ),
+    "allow_evicting_redis": (
+        "start even if Redis' maxmemory-policy evicts keys (users' states may vanish)"
+    ),
     "workers": "worker processes on the same ports (SO_REUSEPORT), to use every core",
     "log_json": "log one JSON object per line",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -137,7 +140,11 @@ def serve(settings: Settings) -> None:
         embedded = EmbeddedRedis(settings.data_dir / "redis")
         embedded.start()
         url = embedded.url
-        log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
+        log.info(
+            "embedded Redis at %s: data in %s, AOF fsynced every second, no eviction",
+            url,
+            embedded.data_dir,
+        )
     secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
     try:
         if settings.workers > 1:

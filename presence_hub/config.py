@@ -44,6 +44,8 @@ class Settings:
     #: Sockets opened per second from which a node is in a connect storm and writes each
     #: socket's updates together every quarter of a second (0: never).
     storm_rate: int = 300
+    #: Start even on a Redis whose maxmemory-policy evicts keys (it may lose users' state).
+    allow_evicting_redis: bool = False
     #: Worker processes sharing the ports (SO_REUSEPORT), each a node of its own.
     workers: int = 1
     log_json: bool = False

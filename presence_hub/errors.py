@@ -8,6 +8,7 @@ The whole tree::
     │   ├── StoreContention      a user's state kept changing under a writer
     │   └── CorruptRecord        a stored state that does not decode (kept aside, salvaged)
     ├── EmbeddedRedisError       the embedded redis-server could not be started
+    ├── UnsafeRedis              the Redis given would evict users' data
     ├── AuthError                a token is missing, malformed, forged or expired
     └── FrameError               a client frame is malformed; carries the error code
 """
@@ -23,6 +24,7 @@ __all__ = [
     "StoreContention",
     "StoreError",
     "StoreUnavailable",
+    "UnsafeRedis",
 ]
 
 
@@ -49,6 +51,10 @@ class CorruptRecord(StoreError):
 
 class EmbeddedRedisError(PresenceHubError):
     """The embedded redis-server could not be found or did not start."""
+
+
+class UnsafeRedis(PresenceHubError):
+    """The Redis a node was given evicts keys under memory pressure."""
 
 
 class AuthError(PresenceHubError):

@@ -28,13 +28,14 @@ from presence_hub.api import make_app
 from presence_hub.auth import Claims, bearer_token, verify_token
 from presence_hub.codec import FORMATS
 from presence_hub.config import Settings
-from presence_hub.errors import AuthError, FrameError, StoreError, StoreUnavailable
+from presence_hub.errors import AuthError, FrameError, StoreError, StoreUnavailable, UnsafeRedis
 from presence_hub.events import apply_events
 from presence_hub.hub import Connection, Hub
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
 from presence_hub.store.nodes import NodeRegistry
+from presence_hub.store.safety import check_redis
 from presence_hub.store.store import RedisClient
 
 __all__ = ["WS_PATH", "Node"]
@@ -179,6 +180,8 @@ class Node:
         self._cleanup: set[asyncio.Task[None]] = set()
         #: True while the node takes WebSocket connections (for /readyz).
         self.accepting = False
+        #: What makes the Redis unsafe, for /readyz's body.
+        self.redis_warnings: list[str] = []
 
     @property
     def ws_port(self) -> int:
@@ -193,6 +196,7 @@ class Node:
         return port
 
     async def start(self) -> None:
+        await self._check_redis()
         self._tasks.append(asyncio.create_task(self.hub.run(), name="hub"))
         await asyncio.wait_for(self.hub.wait_ready(), 30)
         await self.registry.register()
@@ -237,6 +241,18 @@ class Node:
             self.settings.host,
             self.http_port,
         )
+
+    async def _check_redis(self) -> None:
+        """Refuse a Redis that evicts keys unless the settings accept it; warn of one
+        that persists nothing (in the log, and in /readyz)."""
+        safety = await check_redis(self.store.redis)
+        if safety.evicting and not self.settings.allow_evicting_redis:
+            raise UnsafeRedis(
+                "; ".join(safety.evicting) + " (or accept it with --allow-evicting-redis)"
+            )
+        self.redis_warnings = [*safety.evicting, *safety.warnings]
+        for warning in self.redis_warnings:
+            log.warning("unsafe Redis: %s", warning)
 
     async def stop(self, code: int = 1001) -> None:
         """Close every socket with ``code``; their sessions enter the grace period."""

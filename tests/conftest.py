@@ -154,7 +154,12 @@ async def node_starter(
         main = open_redis(url)
         listener = open_redis(url, max_connections=4, listener=True)
         node = Node(replace(settings, **overrides), main, listener, SECRET)
-        await node.start()
+        try:
+            await node.start()
+        except BaseException:
+            await main.aclose()
+            await listener.aclose()
+            raise
         started.append((node, main, listener))
         return node
 
