@@ -69,7 +69,8 @@ class EmbeddedRedis:
         binary: str | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
-        self.data_dir = data_dir
+        # Absolute: redis-server changes into --dir before it opens its log file there.
+        self.data_dir = data_dir.absolute()
         self.port = port
         self.binary = binary or find_redis_server()
         self.extra_args = extra_args
