@@ -158,6 +158,11 @@ class EmbeddedRedis:
         finally:
             client.close()
 
+    def send_signal(self, sig: signal.Signals) -> None:
+        """SIGSTOP and SIGCONT pause and resume it, as a stalled server would."""
+        if self._process is not None:
+            self._process.send_signal(sig)
+
     def stop(self, *, kill: bool = False, timeout: float = 15.0) -> None:
         """Stop it: SIGTERM lets it finish its files; ``kill`` simulates a crash."""
         process, self._process = self._process, None
