@@ -13,8 +13,10 @@ import pytest
 
 from presence_hub.auth import verify_token
 from presence_hub.cli import settings_from
+from presence_hub.store import EmbeddedRedis
 from presence_hub.store.embedded import free_port
-from tests.utils import timeout, wait_for_port
+from tests.processes import HubProcess
+from tests.utils import eventually, timeout, wait_for_port
 from tests.wsclient import Client
 
 
@@ -100,3 +102,21 @@ def test_flags_win_over_environment_over_defaults() -> None:
     assert settings.log_json is True
     assert settings.redis_url == "redis://example:6379"
     assert settings.max_subscriptions == 10_000
+
+
+@pytest.mark.slow
+async def test_a_redis_outage_is_logged_one_line_a_retry(
+    own_redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    hub = HubProcess(own_redis_server.url, tmp_path)
+    try:
+        await hub.ready()
+        own_redis_server.stop(kill=True)
+        await eventually(lambda: hub.log.read_text().count("cannot listen on Redis") >= 3)
+        own_redis_server.start()
+        await eventually(lambda: "listening again" in hub.log.read_text(), wait=30)
+    finally:
+        hub.stop()
+    log = hub.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "never retrieved" not in log, log[-3000:]

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from presence_hub.ids import TenantId, UserId, is_valid_id
 from presence_hub.rules import MANUAL_STATUSES
@@ -559,11 +560,22 @@ async def test_generated_queries_get_a_4xx_or_an_answer(
 # --- The handshake ----------------------------------------------------------------
 
 
-async def handshake(url: str, headers: dict[str, str]) -> int:
-    """The handshake's HTTP status; past a 101, the welcome must come first."""
+async def handshake(url: str, headers: dict[str, str], offer: list[str]) -> int:
+    """The handshake's HTTP status; past a 101, the welcome must come first, in the
+    subprotocol chosen (MessagePack when none of those offered is the hub's)."""
     try:
-        async with connect(url, additional_headers=headers, open_timeout=timeout(10)) as ws:
-            welcome = msgpack.unpackb(await asyncio.wait_for(ws.recv(), timeout(10)))
+        async with connect(
+            url,
+            additional_headers=headers,
+            subprotocols=[Subprotocol(name) for name in offer] or None,
+            open_timeout=timeout(10),
+        ) as ws:
+            data = await asyncio.wait_for(ws.recv(), timeout(10))
+            if ws.subprotocol == "presence.v1.json":
+                welcome = json.loads(data)
+            else:
+                assert ws.subprotocol in (None, "presence.v1.msgpack"), ws.subprotocol
+                welcome = msgpack.unpackb(data)
             assert welcome["type"] == "welcome"
             assert is_valid_id(welcome["user"])
     except InvalidStatus as refused:
@@ -577,6 +589,11 @@ async def handshake(url: str, headers: dict[str, str]) -> int:
     query_token=st.one_of(st.none(), TEXT, TOKENS),
     device=st.one_of(st.none(), TEXT, st.sampled_from(["desktop", "mobile", "web"])),
     path=st.sampled_from(["/v1/ws", "/", "/v1/ws/", "/%00", "/v1/ws?"]),
+    offer=st.lists(
+        st.sampled_from(["presence.v1.json", "presence.v1.msgpack", "presence.v2.json", "chat"]),
+        max_size=3,
+        unique=True,
+    ),
 )
 async def test_generated_handshakes_get_a_4xx_or_a_welcome(
     victims: Node,
@@ -585,6 +602,7 @@ async def test_generated_handshakes_get_a_4xx_or_a_welcome(
     query_token: str | None,
     device: str | None,
     path: str,
+    offer: list[str],
 ) -> None:
     query = []
     if query_token is not None:
@@ -594,6 +612,6 @@ async def test_generated_handshakes_get_a_4xx_or_a_welcome(
     separator = "&" if "?" in path else "?"
     url = f"ws://127.0.0.1:{victims.ws_port}{path}{separator}{'&'.join(query)}"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    status = await handshake(url, headers)
+    status = await handshake(url, headers, offer)
     assert status == 101 or 400 <= status < 500, status
     assert_quiet_log(caplog)
