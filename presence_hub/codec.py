@@ -59,13 +59,15 @@ MAX_MESSAGE_LENGTH: Final = 280
 #: MessagePack encoding: the same bytes as ``msgpack.packb``, in a third of the time
 #: (a change packs its state and its frames several times over).
 pack: Final = msgspec.msgpack.Encoder().encode
-#: Decoding trusted MessagePack (what this hub published): half the time of ``msgpack.unpackb``.
+#: Decoding MessagePack in half the time of ``msgpack.unpackb`` (strings checked as UTF-8).
 unpack: Final = msgspec.msgpack.Decoder().decode
 RequestId: TypeAlias = int | str | None
 #: Frames of the protocol nest four levels at most (a frame, its event, ...).
 MAX_DEPTH: Final = 16
 #: MessagePack's integers: a JSON literal beyond them is refused, not carried along.
 _INT_RANGE: Final = range(-(2**63), 2**64)
+#: Values with no bound to check (strings are valid Unicode once decoded).
+_UNBOUNDED: Final = frozenset({str, bytes, bool, type(None)})
 #: Strict JSON: unlike ``json.loads`` it refuses lone surrogates, NaN and Infinity.
 _load_json: Final = msgspec.json.Decoder().decode
 
@@ -221,12 +223,10 @@ def load(data: bytes | str, fmt: Format) -> Any:
 
 def _decode(data: bytes | str, fmt: Format) -> Any:
     try:
-        if fmt == "json":
-            return _load_json(data)
-        return msgpack.unpackb(data, strict_map_key=True)
-    except (RecursionError, msgpack.StackError) as exc:
+        return _load_json(data) if fmt == "json" else unpack(data)
+    except RecursionError as exc:
         raise FrameError("bad_request", f"nested deeper than {MAX_DEPTH} levels") from exc
-    except (ValueError, msgspec.DecodeError, msgpack.UnpackException, TypeError) as exc:
+    except (ValueError, msgspec.DecodeError, TypeError) as exc:
         name = "JSON" if fmt == "json" else "MessagePack"
         raise FrameError("bad_request", f"not {name}: {exc}") from exc
 
@@ -236,9 +236,12 @@ def _check_bounds(value: Any, depth: int) -> None:
     if kind is dict or kind is list:
         if depth >= MAX_DEPTH:
             raise FrameError("bad_request", f"nested deeper than {MAX_DEPTH} levels")
-        for item in value.values() if kind is dict else value:
-            if type(item) is not str:  # the most frequent value needs no check
-                _check_bounds(item, depth + 1)
+        items = value.values() if kind is dict else value
+        # A list of fifty user ids is checked in C: a fifth of the time of a loop.
+        if set(map(type, items)) <= _UNBOUNDED:
+            return
+        for item in items:
+            _check_bounds(item, depth + 1)
     elif kind is int:
         if value not in _INT_RANGE:
             raise FrameError("bad_request", "an integer out of range (64 bits at most)")
