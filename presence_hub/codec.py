@@ -222,6 +222,8 @@ def load(data: bytes | str, fmt: Format) -> Any:
 
 
 def _decode(data: bytes | str, fmt: Format) -> Any:
+    if fmt == "msgpack" and isinstance(data, str):
+        raise FrameError("bad_request", "MessagePack is binary")
     try:
         return _load_json(data) if fmt == "json" else unpack(data)
     except RecursionError as exc:
