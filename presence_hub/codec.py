@@ -222,10 +222,12 @@ def load(data: bytes | str, fmt: Format) -> Any:
 
 
 def _decode(data: bytes | str, fmt: Format) -> Any:
-    if fmt == "msgpack" and isinstance(data, str):
-        raise FrameError("bad_request", "MessagePack is binary")
     try:
-        return _load_json(data) if fmt == "json" else unpack(data)
+        if fmt == "json":
+            return _load_json(data)
+        if isinstance(data, str):
+            raise FrameError("bad_request", "MessagePack is binary")
+        return unpack(data)
     except RecursionError as exc:
         raise FrameError("bad_request", f"nested deeper than {MAX_DEPTH} levels") from exc
     except (ValueError, msgspec.DecodeError, TypeError) as exc:
