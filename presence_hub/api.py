@@ -26,18 +26,6 @@ MAX_EVENTS: Final = 1000
 #: 1000 events of the largest allowed size fit well within this.
 MAX_BODY: Final = 2 * 1024 * 1024
 
-RULE_REASONS: Final = {
-    1: "no live session",
-    2: "manual status is invisible",
-    3: "manual status is dnd",
-    4: "manual status is busy",
-    5: "manual status is away",
-    6: "manual status is available and at least one call is open",
-    7: "manual status is available and at least one meeting is open",
-    8: "available, auto-away on, no mobile session, inactive longer than the setting",
-    9: "otherwise available",
-}
-
 #: The Content-Encodings of a body the hub inflates itself (aiohttp's would answer 500
 #: for a corrupt one, and 400 for one it lacks a library for); any other answers 415.
 BODY_ENCODINGS: Final = ("identity", "gzip", "deflate")
@@ -122,15 +110,14 @@ async def get_presence(request: web.Request) -> web.Response:
     users = [u for u in request.query.get("users", "").split(",") if u]
     if not users or not are_valid_ids(users):
         return _error(400, "users must be a comma-separated list of user ids")
-    if len(users) > MAX_EVENTS:
-        return _error(400, f"at most {MAX_EVENTS} users in a request")
+    limit = node.settings.max_users_per_request
+    if len(users) > limit:
+        return _error(400, f"at most {limit} users in a request")
     presences = []
     states = await node.store.load_many(claims.tenant, [UserId(u) for u in users])
     for user, state in zip(users, states, strict=True):
-        status, rule = rules.decide(state)
         presence = codec.presence_map(user, state.view)
-        # An invisible user with a live session takes calls (rule 2); offline and dnd do not.
-        presence["accepts_calls"] = rule == 2 or status not in ("dnd", "offline")
+        presence["accepts_calls"] = rules.accepts_calls(state)
         presences.append(presence)
     return web.json_response({"presences": presences})
 
@@ -150,7 +137,7 @@ async def explain(request: web.Request) -> web.Response:
             "user": user,
             "effective": status,
             "rule": rule,
-            "reason": RULE_REASONS[rule],
+            "reason": rules.RULE_REASONS[rule],
             "presence": codec.presence_map(user, state.view),
             "manual": state.manual,
             "message": state.message,

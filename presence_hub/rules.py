@@ -14,7 +14,7 @@ result does not depend on how late a timer fires.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
@@ -28,6 +28,7 @@ __all__ = [
     "DEVICES",
     "ENDED_RETENTION",
     "MANUAL_STATUSES",
+    "RULE_REASONS",
     "STATUSES",
     "Activity",
     "ActivitySeen",
@@ -53,7 +54,9 @@ __all__ = [
     "TimerFired",
     "UserState",
     "View",
+    "accepts_calls",
     "apply",
+    "apply_all",
     "decide",
     "self_view",
 ]
@@ -281,6 +284,27 @@ def decide(state: UserState) -> tuple[Status, int]:
     return "available", 9
 
 
+#: Why each rule of ``decide`` decided, in RULES.md's words (for ``explain``).
+RULE_REASONS: Final = {
+    1: "no live session",
+    2: "manual status is invisible",
+    3: "manual status is dnd",
+    4: "manual status is busy",
+    5: "manual status is away",
+    6: "manual status is available and at least one call is open",
+    7: "manual status is available and at least one meeting is open",
+    8: "available, auto-away on, no mobile session, inactive longer than the setting",
+    9: "otherwise available",
+}
+
+
+def accepts_calls(state: UserState) -> bool:
+    """PROTOCOL.md: false for dnd and offline (calls go to voicemail). An invisible user
+    with a live session takes calls (rule 2): they are reachable, only hidden."""
+    status, rule = decide(state)
+    return rule == 2 or status not in ("dnd", "offline")
+
+
 def self_view(state: UserState) -> SelfView:
     return SelfView(
         manual=state.manual,
@@ -318,6 +342,25 @@ def apply(state: UserState, event: Input, now: float) -> Outcome:
             new = replace(new, self_ver=state.self_ver + 1)
             own = replace(own, ver=new.self_ver)
     return Outcome(state=new, view=view, self_view=own, due=_next_due(new, now), result=result)
+
+
+def apply_all(
+    state: UserState, inputs: Sequence[Input], now: float
+) -> tuple[Outcome, list[Result]]:
+    """Several inputs in order, as one net change (a batch of producer events): the
+    final state, the last observer and self views that changed, the final due time;
+    and each input's result. ``inputs`` must not be empty."""
+    view: View | None = None
+    own: SelfView | None = None
+    results: list[Result] = []
+    due: float | None = None
+    for event in inputs:
+        outcome = apply(state, event, now)
+        state, due = outcome.state, outcome.due
+        view = outcome.view or view
+        own = outcome.self_view or own
+        results.append(outcome.result)
+    return Outcome(state, view, own, due, results[-1]), results
 
 
 class _StatusTracker:

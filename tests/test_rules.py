@@ -516,3 +516,24 @@ def test_due_is_in_the_future_and_nothing_changes_before_it(
             assert outcome.due > now
             just_before = rules.apply(outcome.state, TimerFired(), (now + outcome.due) / 2)
             assert just_before.view is None
+
+
+@settings(max_examples=300)
+@given(timed_inputs.filter(bool))
+def test_a_batch_is_its_inputs_in_order_as_one_net_change(
+    steps: list[tuple[float, Input]],
+) -> None:
+    inputs = [event for _, event in steps]
+    now = T0 + 10
+    net, results = rules.apply_all(UserState(), inputs, now)
+    state, views, own = UserState(), [], []
+    for event in inputs:
+        outcome = rules.apply(state, event, now)
+        state = outcome.state
+        views.append(outcome.view)
+        own.append(outcome.self_view)
+        assert results[len(views) - 1] == outcome.result
+    assert net.state == state
+    assert net.view == next((v for v in reversed(views) if v is not None), None)
+    assert net.self_view == next((s for s in reversed(own) if s is not None), None)
+    assert net.due == outcome.due

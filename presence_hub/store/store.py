@@ -200,7 +200,8 @@ class _BoundedClusterPipeline(ClusterPipeline):
 
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
-    """Turn Redis' errors into StoreUnavailable, the one the layers above handle."""
+    """Turn Redis' errors into StoreUnavailable, the one the layers above handle: the
+    one translation of Redis' errors in the store."""
     try:
         yield
     except RedisError as exc:
@@ -339,15 +340,13 @@ class PresenceStore:
         self.batcher = ScriptBatcher(redis)
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
-        try:
+        with redis_errors():
             _, state, _ = await self._read(tenant, user)
-        except RedisError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
         return state
 
     async def load_many(self, tenant: TenantId, users: Sequence[UserId]) -> list[UserState]:
         """Several users' states in one round trip; a user never seen has the default state."""
-        try:
+        with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 for user in users:
                     pipe.hmget(keys.state_key(tenant, user), ["rev", "state"])
@@ -356,8 +355,6 @@ class PresenceStore:
                 UserState() if blob is None else await self._decode(tenant, user, rev, blob)
                 for user, (rev, blob) in zip(users, replies, strict=True)
             ]
-        except RedisError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
 
     async def _decode(
         self, tenant: TenantId, user: UserId, rev: bytes | int | None, blob: bytes
@@ -398,10 +395,8 @@ class PresenceStore:
     async def corrupt_record(self, tenant: TenantId, user: UserId) -> dict[str, Any] | None:
         """What was kept aside of the user's corrupt record, if any (for ``explain``)."""
         aside = keys.corrupt_key(tenant, user)
-        try:
+        with redis_errors():
             found: dict[bytes, bytes] = await self.redis.hgetall(aside)  # type: ignore[misc]
-        except RedisError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
         if not found:
             return None
         lost = found.get(b"lost", b"").decode()
@@ -418,13 +413,11 @@ class PresenceStore:
         if not users:
             return []
         state_keys = [keys.state_key(tenant, u) for u in users]
-        try:
+        with redis_errors():
             if self.cluster:
                 frames = await self._views_by_partition(tenant, users, state_keys)
             else:
                 frames = await self.batcher((self._views, state_keys, []))
-        except RedisError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
         return [View() if f is None else _decode_view(f) for f in frames]
 
     async def _views_by_partition(
@@ -457,10 +450,8 @@ class PresenceStore:
         ``origin`` is when the input arrived; it travels with the published update,
         so that the latency to each subscriber can be measured.
         """
-        try:
+        with redis_errors():
             return await self._apply(tenant, user, event, event_id, origin)
-        except RedisError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
 
     async def _apply(
         self,
@@ -564,10 +555,8 @@ class PresenceStore:
         other. A user whose commit meets another writer, or an event seen before,
         falls back to one transition per event. Observers get one update per user
         with the final state (coalesced)."""
-        try:
+        with redis_errors():
             return await self._apply_events(tenant, batch, origin)
-        except RedisError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
 
     async def _apply_events(
         self,
@@ -626,22 +615,18 @@ class PresenceStore:
         commits: list[tuple[UserId, list[int], UserState, tuple[list[str], list[Any]]]] = []
         for user, indices in by_user.items():
             rev, state = states[user]
-            folded, outcome, view, own, fresh = state, None, None, None, []
+            fresh: list[int] = []
             ids: set[str] = set()
             for n in indices:
-                if seen[n] or batch[n][2] in ids:
-                    continue
-                ids.add(batch[n][2])
-                outcome = rules.apply(folded, batch[n][1], now)
-                folded = outcome.state
-                view = outcome.view or view
-                own = outcome.self_view or own
-                results[n] = outcome.result
-                fresh.append(n)
-            if outcome is None:
+                if not seen[n] and batch[n][2] not in ids:
+                    ids.add(batch[n][2])
+                    fresh.append(n)
+            if not fresh:
                 continue
-            # The net change: the last view and self view that changed, the final due time.
-            net = Outcome(folded, view, own, outcome.due, outcome.result)
+            net, each = rules.apply_all(state, [batch[n][1] for n in fresh], now)
+            for n, result in zip(fresh, each, strict=True):
+                results[n] = result
+            folded = net.state
             call = self._commit_call(
                 tenant,
                 user,
@@ -734,22 +719,18 @@ class PresenceStore:
         args = [repr(now), limit, repr(now + CLAIM_RETRY)]
         buckets = keys.timer_buckets()
         groups = [[bucket] for bucket in buckets] if self.cluster else [buckets]
-        try:
+        with redis_errors():
             replies = await run_scripts(
                 self.redis, [(self._claim, group, args) for group in groups]
             )
-        except RedisError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
         users = [
             keys.parse_member(m.decode())
             for reply in replies
             if not isinstance(reply, Exception)
             for m in reply
         ]
-        try:
+        with redis_errors():
             await asyncio.gather(*(self._apply(t, u, TimerFired(), None) for t, u in users))
-        except RedisError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
         failed = next((r for r in replies if isinstance(r, Exception)), None)
         if failed is not None:
             # What could be claimed has fired; the rest waits for the shard to come back.
