@@ -36,41 +36,6 @@ log = logging.getLogger("presence_hub")
 
 ENV_PREFIX = "PRESENCE_HUB_"
 
-_HELP = {
-    "host": "address to listen on",
-    "ws_port": "WebSocket port",
-    "http_port": "HTTP API port",
-    "redis_url": (
-        "Redis URL (redis://, rediss://, unix://), or any node of a Redis Cluster "
-        "(redis+cluster://host:port); none: start an embedded redis-server"
-    ),
-    "data_dir": "where the embedded Redis and the generated secret live",
-    "secret": "HS256 token secret; none: generate one and keep it in the data directory",
-    "grace": "seconds a dropped connection stays online before it turns offline",
-    "lease": "seconds within which a dead node's sessions expire",
-    "max_frame": "largest client frame, in bytes (larger ones close the socket with 1009)",
-    "max_users_per_request": "users in one subscribe, unsubscribe or query",
-    "max_subscriptions": "subscriptions on one connection",
-    "rate_limit": "frames a connection may send per second",
-    "rate_burst": "frames a connection may send in a burst",
-    "producer_rate_limit": "frames a producer connection may send per second",
-    "producer_rate_burst": "frames a producer connection may send in a burst",
-    "send_timeout": "seconds a stalled socket may block its updates before it is closed (1013)",
-    "keepalive": "seconds between pings; a socket that misses one is closed as dead",
-    "socket_send_buffer": "kernel send buffer per socket, in bytes",
-    "min_auto_away": "shortest auto-away setting a client may choose, in seconds",
-    "storm_rate": (
-        "sockets opened per second from which a node is in a connect storm and writes "
-        "each socket's updates together every quarter of a second (0: never)"
-    ),
-    "allow_evicting_redis": (
-        "start even if Redis' maxmemory-policy evicts keys (users' states may vanish)"
-    ),
-    "workers": "worker processes on the same ports (SO_REUSEPORT), to use every core",
-    "log_json": "log one JSON object per line",
-    "log_level": "DEBUG, INFO, WARNING or ERROR",
-}
-
 
 def _settings_parser(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
@@ -78,7 +43,7 @@ def _settings_parser(parser: argparse.ArgumentParser) -> None:
         env = ENV_PREFIX + f.name.upper()
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{_HELP[f.name]} (env {env}; default {default})"
+        help_text = f"{f.metadata['help']} (env {env}; default {default})"
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:

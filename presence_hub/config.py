@@ -2,51 +2,87 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from presence_hub.store.embedded import default_data_dir
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "setting"]
+
+_MISSING: Any = object()
+
+
+def setting(
+    default: Any = _MISSING, help: str = "", *, factory: Callable[[], Any] | None = None
+) -> Any:
+    """A setting's default and its help text, written once: ``serve --help`` and the
+    README's table are made to agree with them."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "127.0.0.1"
-    ws_port: int = 8765
-    http_port: int = 8766
-    #: None: start the embedded redis-server, with its data in ``data_dir``.
-    redis_url: str | None = None
-    data_dir: Path = field(default_factory=default_data_dir)
-    #: None: generate one and keep it in ``data_dir``.
-    secret: str | None = None
-    #: Offline grace after a dropped connection (RULES.md: default 10 s).
-    grace: float = 10.0
-    #: How long a dead node's sessions outlive it (RULES.md: default 30 s).
-    lease: float = 30.0
-    max_frame: int = 64 * 1024
-    max_users_per_request: int = 1000
-    max_subscriptions: int = 10_000
-    #: Frames a connection may send per second, with bursts of ``rate_burst``.
-    rate_limit: float = 50.0
-    rate_burst: int = 200
-    #: The same for producers (call and meeting servers), who speak for many users.
-    producer_rate_limit: float = 20_000.0
-    producer_rate_burst: int = 40_000
-    #: A socket whose writes stall this long is closed with 1013.
-    send_timeout: float = 20.0
-    #: Seconds between keepalive pings; a socket that misses one is closed as dead.
-    keepalive: float = 20.0
-    #: Kernel send buffer per socket: bounds what a stalled client holds in the kernel.
-    socket_send_buffer: int = 64 * 1024
-    #: The shortest auto-away setting a client may choose (PROTOCOL.md: 60 s).
-    min_auto_away: float = 60.0
-    #: Sockets opened per second from which a node is in a connect storm and writes each
-    #: socket's updates together every quarter of a second (0: never).
-    storm_rate: int = 300
-    #: Start even on a Redis whose maxmemory-policy evicts keys (it may lose users' state).
-    allow_evicting_redis: bool = False
-    #: Worker processes sharing the ports (SO_REUSEPORT), each a node of its own.
-    workers: int = 1
-    log_json: bool = False
-    log_level: str = "INFO"
+    host: str = setting("127.0.0.1", "address to listen on")
+    ws_port: int = setting(8765, "WebSocket port")
+    http_port: int = setting(8766, "HTTP API port")
+    redis_url: str | None = setting(
+        None,
+        "Redis URL (redis://, rediss://, unix://), or any node of a Redis Cluster "
+        "(redis+cluster://host:port); none: start an embedded redis-server",
+    )
+    data_dir: Path = setting(
+        factory=default_data_dir, help="where the embedded Redis and the generated secret live"
+    )
+    secret: str | None = setting(
+        None, "HS256 token secret; none: generate one and keep it in the data directory"
+    )
+    #: RULES.md: 10 s by default.
+    grace: float = setting(
+        10.0, "seconds a dropped connection stays online before it turns offline"
+    )
+    #: RULES.md: 30 s by default.
+    lease: float = setting(30.0, "seconds within which a dead node's sessions expire")
+    max_frame: int = setting(
+        64 * 1024, "largest client frame, in bytes (larger ones close the socket with 1009)"
+    )
+    #: PROTOCOL.md: 1000.
+    max_users_per_request: int = setting(
+        1000, "users in one subscribe, unsubscribe or query, and in GET /v1/presence"
+    )
+    max_subscriptions: int = setting(10_000, "subscriptions on one connection")
+    rate_limit: float = setting(50.0, "frames a connection may send per second")
+    rate_burst: int = setting(200, "frames a connection may send in a burst")
+    #: Producers (call and meeting servers) speak for many users.
+    producer_rate_limit: float = setting(
+        20_000.0, "frames a producer connection may send per second"
+    )
+    producer_rate_burst: int = setting(40_000, "frames a producer connection may send in a burst")
+    send_timeout: float = setting(
+        20.0, "seconds a stalled socket may block its updates before it is closed (1013)"
+    )
+    keepalive: float = setting(
+        20.0, "seconds between pings; a socket that misses one is closed as dead"
+    )
+    #: Bounds what a stalled client holds in the kernel.
+    socket_send_buffer: int = setting(64 * 1024, "kernel send buffer per socket, in bytes")
+    #: PROTOCOL.md: 60 s.
+    min_auto_away: float = setting(
+        60.0, "shortest auto-away setting a client may choose, in seconds"
+    )
+    storm_rate: int = setting(
+        300,
+        "sockets opened per second from which a node is in a connect storm and writes "
+        "each socket's updates together every quarter of a second (0: never)",
+    )
+    allow_evicting_redis: bool = setting(
+        False, "start even if Redis' maxmemory-policy evicts keys (users' states may vanish)"
+    )
+    workers: int = setting(
+        1, "worker processes on the same ports (SO_REUSEPORT), each a node of its own"
+    )
+    log_json: bool = setting(False, "log one JSON object per line")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")

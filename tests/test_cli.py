@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from presence_hub.auth import verify_token
 from presence_hub.cli import settings_from
+from presence_hub.config import Settings
 from presence_hub.store import EmbeddedRedis
 from presence_hub.store.embedded import free_port
 from tests.processes import HubProcess
@@ -120,3 +123,23 @@ async def test_a_redis_outage_is_logged_one_line_a_retry(
     log = hub.log.read_text()
     assert "Traceback" not in log, log[-3000:]
     assert "never retrieved" not in log, log[-3000:]
+
+
+def test_the_readme_lists_every_setting_with_its_default() -> None:
+    """The README's table of settings names every flag of ``serve`` and no other, with
+    the default of each number."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n\n")[2]
+    listed: dict[str, str] = {}
+    for row in table.splitlines()[2:]:
+        flags, defaults, _ = row.strip("|").split("|", 2)
+        names = re.findall(r"`--([a-z-]+)`", flags)
+        values = [v.strip(" `") for v in defaults.split(",")]
+        listed.update(zip(names, values if len(values) == len(names) else [""] * len(names)))
+    settings = {f.name.replace("_", "-"): f for f in fields(Settings)}
+    assert sorted(listed) == sorted(settings)
+    defaults = Settings()
+    for name, shown in listed.items():
+        default = getattr(defaults, settings[name].name)
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            assert float(shown) == default, name
