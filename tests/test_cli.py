@@ -135,7 +135,9 @@ def test_the_readme_lists_every_setting_with_its_default() -> None:
         flags, defaults, _ = row.strip("|").split("|", 2)
         names = re.findall(r"`--([a-z-]+)`", flags)
         values = [v.strip(" `") for v in defaults.split(",")]
-        listed.update(zip(names, values if len(values) == len(names) else [""] * len(names)))
+        if len(values) != len(names):  # one default shown for several flags
+            values = [""] * len(names)
+        listed.update(zip(names, values, strict=True))
     settings = {f.name.replace("_", "-"): f for f in fields(Settings)}
     assert sorted(listed) == sorted(settings)
     defaults = Settings()
