@@ -140,8 +140,8 @@ def test_the_readme_lists_every_setting_with_its_default() -> None:
         listed.update(zip(names, values, strict=True))
     settings = {f.name.replace("_", "-"): f for f in fields(Settings)}
     assert sorted(listed) == sorted(settings)
-    defaults = Settings()
+    default_settings = Settings()
     for name, shown in listed.items():
-        default = getattr(defaults, settings[name].name)
+        default = getattr(default_settings, settings[name].name)
         if isinstance(default, int | float) and not isinstance(default, bool):
             assert float(shown) == default, name
