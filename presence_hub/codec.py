@@ -45,11 +45,15 @@ __all__ = [
     "is_int",
     "is_number",
     "load",
+    "ok_frame",
     "presence_frame",
     "presence_map",
+    "presences_frame",
     "request_id",
     "self_frame",
     "self_map",
+    "snapshot_frame",
+    "welcome_frame",
 ]
 
 Format: TypeAlias = Literal["msgpack", "json"]
@@ -341,6 +345,36 @@ def encode(frame: Mapping[str, Any], fmt: Format) -> bytes | str:
             frame, separators=(",", ":"), ensure_ascii=False, default=msgspec.to_builtins
         )
     return pack(frame)
+
+
+def welcome_frame(
+    session: str, user: str, tenant: str, device: str, server_time: float, own: SelfView
+) -> dict[str, Any]:
+    return {
+        "type": "welcome",
+        "session": session,
+        "user": user,
+        "tenant": tenant,
+        "device": device,
+        "server_time": server_time,
+        "self": self_map(own),
+    }
+
+
+def ok_frame(request_id: RequestId) -> dict[str, Any]:
+    return {"type": "ok", "id": request_id}
+
+
+def snapshot_frame(request_id: RequestId, presences: list[Presence]) -> dict[str, Any]:
+    return {"type": "snapshot", "id": request_id, "presences": presences}
+
+
+def presences_frame(items: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several updates in one frame: ``items`` are presence frames, less their type."""
+    return {
+        "type": "presences",
+        "items": [{k: v for k, v in m.items() if k != "type"} for m in items],
+    }
 
 
 def event_reply(request_id: RequestId, result: Mapping[str, Any]) -> dict[str, Any]:

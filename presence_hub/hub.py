@@ -418,8 +418,7 @@ class Connection:
                     updates = list(batch.values())
                     for start in range(0, len(updates), BATCH):
                         chunk = updates[start : start + BATCH]
-                        items = [{k: v for k, v in u.map.items() if k != "type"} for u in chunk]
-                        frame = {"type": "presences", "items": items}
+                        frame = codec.presences_frame([u.map for u in chunk])
                         await self.ws.send(codec.encode(frame, self.fmt))
                         self.metrics.sent("presences").inc()
                 self._delivered(batch.values())

@@ -385,15 +385,7 @@ class Node:
         own = rules.self_view(opened.outcome.state)
         conn.self_ver = max(conn.self_ver, own.ver)
         await conn.send(
-            {
-                "type": "welcome",
-                "session": conn.session,
-                "user": conn.user,
-                "tenant": conn.tenant,
-                "device": conn.device,
-                "server_time": time.time(),
-                "self": codec.self_map(own),
-            }
+            codec.welcome_frame(conn.session, conn.user, conn.tenant, conn.device, time.time(), own)
         )
         log.info(
             "session %s opened: %s/%s on %s", conn.session, conn.tenant, conn.user, conn.device
@@ -542,14 +534,14 @@ class Node:
                         )
                 await self.hub.watch(conn, users)
                 presences = await self._snapshot(conn, users, known)
-                return {"type": "snapshot", "id": request.id, "presences": presences}
+                return codec.snapshot_frame(request.id, presences)
             case codec.Unsubscribe(users=users):
                 self._check_size(users)
                 self.hub.unwatch(conn, users)
             case codec.Query(users=users):
                 self._check_size(users)
                 presences = await self._snapshot(conn, users, {})
-                return {"type": "snapshot", "id": request.id, "presences": presences}
+                return codec.snapshot_frame(request.id, presences)
             case codec.AuthRefresh(token=token):
                 try:
                     fresh_claims = verify_token(token, self.secret)
@@ -561,7 +553,7 @@ class Node:
             case codec.EventRequest():
                 # A producer's events never get here: its _EventBatcher takes them.
                 raise FrameError("forbidden", "events need the producer role")
-        return {"type": "ok", "id": request.id}
+        return codec.ok_frame(request.id)
 
     def _check_size(self, users: list[UserId]) -> None:
         limit = self.settings.max_users_per_request
