@@ -50,9 +50,11 @@ __all__ = [
     "presence_map",
     "presences_frame",
     "request_id",
+    "sealed",
     "self_frame",
     "self_map",
     "snapshot_frame",
+    "unsealed",
     "welcome_frame",
 ]
 
@@ -345,6 +347,18 @@ def encode(frame: Mapping[str, Any], fmt: Format) -> bytes | str:
             frame, separators=(",", ":"), ensure_ascii=False, default=msgspec.to_builtins
         )
     return pack(frame)
+
+
+def sealed(origin: float, frame: bytes) -> bytes:
+    """What the store publishes of an update: its packed frame, and when the input that
+    caused it arrived (to measure the latency to each subscriber)."""
+    return pack([origin, frame])
+
+
+def unsealed(data: bytes) -> tuple[float | None, bytes]:
+    """``sealed``'s origin and frame, as the hub reads them."""
+    origin, frame = unpack(data)
+    return origin, frame
 
 
 def welcome_frame(

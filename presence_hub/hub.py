@@ -84,7 +84,7 @@ class Update:
 
     @classmethod
     def published(cls, data: bytes) -> Update:
-        origin, raw = codec.unpack(data)
+        origin, raw = codec.unsealed(data)
         return cls(raw, codec.unpack(raw), origin)
 
     def framed(self, fmt: Format) -> bytes:

@@ -180,3 +180,9 @@ def test_a_bad_request_says_what_is_wrong(frame: dict[str, Any], why: str) -> No
     with pytest.raises(FrameError, match=why) as refused:
         codec.decode_request(msgpack.packb({**frame, "id": 7}), "msgpack")
     assert refused.value.request_id == 7
+
+
+@given(origin=st.floats(0, 4e9), user=ids, view=views)
+def test_a_published_update_is_read_as_it_was_sealed(origin: float, user: str, view: View) -> None:
+    frame = codec.pack(codec.presence_frame(user, view))
+    assert codec.unsealed(codec.sealed(origin, frame)) == (origin, frame)

@@ -518,7 +518,7 @@ class PresenceStore:
         """The keys and arguments of commit.lua for one user's transition."""
         view = codec.pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
         own = (
-            codec.pack([sent_at, codec.pack(codec.self_frame(outcome.self_view))])
+            codec.sealed(sent_at, codec.pack(codec.self_frame(outcome.self_view)))
             if outcome.self_view
             else b""
         )
@@ -534,7 +534,7 @@ class PresenceStore:
                 keys.presence_channel(tenant, user),
                 keys.self_channel(tenant, user),
                 self._event_ttl,
-                codec.pack([sent_at, view]) if view else b"",
+                codec.sealed(sent_at, view) if view else b"",
                 self._publish,
                 *results,
             ],
