@@ -28,9 +28,10 @@ from presence_hub.api import make_app
 from presence_hub.auth import Claims, bearer_token, verify_token
 from presence_hub.codec import FORMATS
 from presence_hub.config import Settings
+from presence_hub.delivery import Connection
 from presence_hub.errors import AuthError, FrameError, StoreError, StoreUnavailable, UnsafeRedis
 from presence_hub.events import apply_events
-from presence_hub.hub import Connection, Hub
+from presence_hub.hub import Hub
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import cast
 
-from presence_hub.hub import BEHIND, STORM_WINDOW, Connection, Flusher
+from presence_hub.delivery import BEHIND, STORM_WINDOW, Connection, Flusher
 from presence_hub.metrics import Metrics
 from tests.utils import eventually
 

@@ -9,7 +9,8 @@ from typing import cast
 
 import pytest
 
-from presence_hub.hub import Connection, Hub
+from presence_hub.delivery import Connection
+from presence_hub.hub import Hub
 from presence_hub.ids import TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.store import EmbeddedRedis, PresenceStore
