@@ -45,6 +45,8 @@ FUZZ: Final = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+#: The suite's 300 s per test, stretched for a long run (an example takes up to 30 ms).
+FUZZ_TIME: Final = pytest.mark.timeout(max(300, EXAMPLES // 10))
 #: What a hostile frame may be answered with; never internal, unavailable or a close.
 CLEAR_ERRORS: Final = {"bad_request", "forbidden", "limit_exceeded"}
 #: Frames that answer a request; the others (self, presence, presences) are updates.
@@ -326,6 +328,7 @@ async def victims(start_node: StartNode, redis: Redis) -> Node:
 
 @pytest.mark.parametrize("fmt", ["json", "msgpack"])
 @pytest.mark.parametrize("role", ["user", "producer"])
+@FUZZ_TIME
 @FUZZ
 @given(data=st.data())
 async def test_generated_frames_get_one_clear_reply_each(
@@ -507,6 +510,7 @@ def bodies(draw: st.DrawFn) -> tuple[bytes, str]:
     return data, "application/msgpack" if fmt == "msgpack" else "application/json"
 
 
+@FUZZ_TIME
 @FUZZ
 @given(body=bodies(), encoding=st.sampled_from(sorted(ENCODINGS)))
 async def test_generated_event_bodies_get_a_4xx_or_their_results(
@@ -534,6 +538,7 @@ async def test_generated_event_bodies_get_a_4xx_or_their_results(
     assert_quiet_log(caplog)
 
 
+@FUZZ_TIME
 @FUZZ
 @given(user=st.one_of(TEXT, st.just(VICTIM)), users=st.lists(TEXT, max_size=4))
 async def test_generated_queries_get_a_4xx_or_an_answer(
@@ -583,6 +588,7 @@ async def handshake(url: str, headers: dict[str, str], offer: list[str]) -> int:
     return 101
 
 
+@FUZZ_TIME
 @FUZZ
 @given(
     token=st.one_of(TOKENS, st.text(st.characters(min_codepoint=33, max_codepoint=126))),
