@@ -7,20 +7,34 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
 from presence_hub import codec, rules
 from presence_hub.auth import Claims, Role, bearer_token, verify_token
+from presence_hub.config import Settings
 from presence_hub.errors import AuthError, FrameError, StoreError
 from presence_hub.events import apply_events
 from presence_hub.ids import UserId, are_valid_ids, is_valid_id
+from presence_hub.metrics import Metrics
+from presence_hub.store import PresenceStore
 
-if TYPE_CHECKING:
-    from presence_hub.server import Node
 
-__all__ = ["MAX_BODY", "MAX_EVENTS", "make_app"]
+class NodeView(Protocol):
+    """What the HTTP API needs of a node: the API does not depend on the server."""
+
+    secret: str
+    settings: Settings
+    store: PresenceStore
+    metrics: Metrics
+    #: True while the node takes WebSocket connections.
+    accepting: bool
+    #: What makes the node's Redis unsafe, if anything.
+    redis_warnings: list[str]
+
+
+__all__ = ["MAX_BODY", "MAX_EVENTS", "NodeView", "make_app"]
 
 MAX_EVENTS: Final = 1000
 #: 1000 events of the largest allowed size fit well within this.
@@ -32,7 +46,7 @@ BODY_ENCODINGS: Final = ("identity", "gzip", "deflate")
 MSGPACK_TYPES: Final = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-NODE: web.AppKey[Node] = web.AppKey("node")
+NODE: web.AppKey[NodeView] = web.AppKey("node")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -220,7 +234,7 @@ def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     return {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
 
 
-def make_app(node: Node) -> web.Application:
+def make_app(node: NodeView) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
     app[NODE] = node
     app.router.add_post("/v1/events", post_events)
