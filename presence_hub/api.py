@@ -15,7 +15,7 @@ from presence_hub import codec, rules
 from presence_hub.auth import Claims, Role, bearer_token, verify_token
 from presence_hub.config import Settings
 from presence_hub.errors import AuthError, FrameError, StoreError
-from presence_hub.events import apply_events
+from presence_hub.events import MAX_EVENTS, apply_events
 from presence_hub.ids import UserId, are_valid_ids, is_valid_id
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
@@ -34,10 +34,9 @@ class NodeView(Protocol):
     redis_warnings: list[str]
 
 
-__all__ = ["MAX_BODY", "MAX_EVENTS", "NodeView", "make_app"]
+__all__ = ["MAX_BODY", "NodeView", "make_app"]
 
-MAX_EVENTS: Final = 1000
-#: 1000 events of the largest allowed size fit well within this.
+#: MAX_EVENTS events of the largest allowed size fit well within this.
 MAX_BODY: Final = 2 * 1024 * 1024
 
 #: The Content-Encodings of a body the hub inflates itself (aiohttp's would answer 500

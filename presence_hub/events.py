@@ -13,7 +13,14 @@ from presence_hub.ids import TenantId, UserId, is_valid_id
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
 
-__all__ = ["EVENT_KINDS", "EventKind", "ProducerEvent", "apply_events", "parse_event"]
+__all__ = [
+    "EVENT_KINDS",
+    "MAX_EVENTS",
+    "EventKind",
+    "ProducerEvent",
+    "apply_events",
+    "parse_event",
+]
 
 EventKind: TypeAlias = Literal["call_started", "call_ended", "meeting_started", "meeting_ended"]
 EVENT_KINDS: Final[tuple[EventKind, ...]] = (
@@ -22,6 +29,8 @@ EVENT_KINDS: Final[tuple[EventKind, ...]] = (
     "meeting_started",
     "meeting_ended",
 )
+#: PROTOCOL.md: events in one request (a POST /v1/events, or a WebSocket batch).
+MAX_EVENTS: Final = 1000
 #: A producer may lower or raise the 12-hour default, up to a week.
 MAX_DURATION_LIMIT: Final = 7 * 86400.0
 

@@ -30,7 +30,7 @@ from presence_hub.codec import FORMATS
 from presence_hub.config import Settings
 from presence_hub.delivery import Connection
 from presence_hub.errors import AuthError, FrameError, StoreError, StoreUnavailable, UnsafeRedis
-from presence_hub.events import apply_events
+from presence_hub.events import MAX_EVENTS, apply_events
 from presence_hub.hub import Hub
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.metrics import Metrics
@@ -76,9 +76,8 @@ class _RateLimit:
 class _EventBatcher:
     """A producer's event frames, applied in batches: the frames that arrive while one
     batch is being applied form the next, so a producer that pipelines its events gets
-    the batch path of ``POST /v1/events``. Replies go out in the order of the frames."""
-
-    MAX: Final = 1000
+    the batch path of ``POST /v1/events``, with batches as large as its. Replies go out
+    in the order of the frames."""
 
     def __init__(self, node: Node, conn: Connection) -> None:
         self.node = node
@@ -99,7 +98,7 @@ class _EventBatcher:
         self.node.metrics.received("event").inc()
         await self.room.wait()
         self.queue.append((request.id, request.event, time.time()))
-        if len(self.queue) >= self.MAX:
+        if len(self.queue) >= MAX_EVENTS:
             self.room.clear()
         if self.flusher is None:
             self.flusher = asyncio.create_task(self._flush())
