@@ -1,0 +1,78 @@
+"""The Redis listener on its own: messages of the channels it listens to, confirmed
+subscriptions, and listening again (with a call to say so) after Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from presence_hub.errors import StoreUnavailable
+from presence_hub.store import EmbeddedRedis
+from presence_hub.store.pubsub import Listener
+from presence_hub.store.store import open_redis
+from tests.utils import eventually, timeout
+
+
+class Heard:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.relistens = 0
+
+    def message(self, channel: str, data: bytes) -> None:
+        self.messages.append((channel, data))
+
+    def relisten(self) -> None:
+        self.relistens += 1
+
+
+@pytest.fixture
+async def listening(
+    own_redis_server: EmbeddedRedis,
+) -> AsyncIterator[tuple[Listener, Heard, Redis]]:
+    heard = Heard()
+    listen_redis = open_redis(own_redis_server.url, max_connections=4, listener=True)
+    listener = Listener(listen_redis, heard.message, heard.relisten)
+    running = asyncio.create_task(listener.run())
+    publisher = Redis.from_url(own_redis_server.url)
+    await asyncio.wait_for(listener.wait_ready(), timeout(10))
+    yield listener, heard, publisher
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await publisher.aclose()
+    await listen_redis.aclose()
+
+
+async def test_it_hears_what_it_listens_to_and_nothing_else(
+    listening: tuple[Listener, Heard, Redis],
+) -> None:
+    listener, heard, publisher = listening
+    await listener.subscribe(["a", "b"])
+    await publisher.publish("a", b"1")
+    await publisher.publish("c", b"2")
+    await publisher.publish("b", b"3")
+    await eventually(lambda: len(heard.messages) == 2)
+    assert heard.messages == [("a", b"1"), ("b", b"3")]
+    listener.unsubscribe(["a"])
+    await publisher.publish("a", b"4")
+    await publisher.publish("b", b"5")
+    await eventually(lambda: len(heard.messages) == 3)
+    assert heard.messages[-1] == ("b", b"5")
+    assert listener.channels == {"b"}
+
+
+async def test_it_listens_again_after_redis_restarts(
+    listening: tuple[Listener, Heard, Redis], own_redis_server: EmbeddedRedis
+) -> None:
+    listener, heard, publisher = listening
+    await listener.subscribe(["a"])
+    own_redis_server.stop(kill=True)
+    await eventually(lambda: not listener.ready)
+    with pytest.raises(StoreUnavailable):
+        listener.check_listening()
+    own_redis_server.start()
+    await eventually(lambda: heard.relistens == 1, wait=30)
+    await publisher.publish("a", b"after")
+    await eventually(lambda: ("a", b"after") in heard.messages)
