@@ -359,8 +359,8 @@ def micro(count: int = 20000) -> dict[str, Any]:
 
     from presence_hub import codec, rules
     from presence_hub.ids import SessionId
+    from presence_hub.store.clients import open_redis
     from presence_hub.store.serde import decode_state, encode_state
-    from presence_hub.store.store import open_redis
 
     now = time.time()
     state = rules.apply(

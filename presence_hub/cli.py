@@ -27,7 +27,7 @@ from presence_hub.errors import PresenceHubError
 from presence_hub.metrics import MULTIPROCESS_DIR
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis
-from presence_hub.store.store import open_redis
+from presence_hub.store.clients import open_redis
 from presence_hub.watch import watch
 
 __all__ = ["main"]

@@ -26,8 +26,8 @@ from presence_hub.ids import TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.rules import self_view
 from presence_hub.store import PresenceStore, keys
+from presence_hub.store.clients import RedisClient
 from presence_hub.store.pubsub import Listener
-from presence_hub.store.store import RedisClient
 
 __all__ = ["Hub"]
 

@@ -35,9 +35,9 @@ from presence_hub.ids import SessionId
 from presence_hub.metrics import Metrics
 from presence_hub.session import Session, SessionContext
 from presence_hub.store import PresenceStore
+from presence_hub.store.clients import RedisClient
 from presence_hub.store.nodes import NodeRegistry
 from presence_hub.store.safety import check_redis
-from presence_hub.store.store import RedisClient
 
 __all__ = ["WS_PATH", "Node"]
 

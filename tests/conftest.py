@@ -18,8 +18,8 @@ from presence_hub.auth import Role, issue_token
 from presence_hub.config import Settings
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis, PresenceStore, find_redis_server
+from presence_hub.store.clients import RedisClient, open_redis
 from presence_hub.store.embedded import free_port
-from presence_hub.store.store import RedisClient, open_redis
 from tests.cluster import LocalCluster
 from tests.utils import Clock
 from tests.wsclient import Client

@@ -19,7 +19,7 @@ from presence_hub.ids import TenantId, UserId
 from presence_hub.rules import MessageSet
 from presence_hub.server import Node
 from presence_hub.store import PresenceStore, keys
-from presence_hub.store.store import open_redis
+from presence_hub.store.clients import open_redis
 from tests.cluster import LocalCluster
 from tests.conftest import (
     CLUSTER_SETTINGS,

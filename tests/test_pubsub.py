@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 
 from presence_hub.errors import StoreUnavailable
 from presence_hub.store import EmbeddedRedis
+from presence_hub.store.clients import open_redis
 from presence_hub.store.pubsub import Listener
-from presence_hub.store.store import open_redis
 from tests.utils import eventually, timeout
 
 

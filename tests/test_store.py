@@ -31,7 +31,7 @@ from presence_hub.rules import (
     View,
 )
 from presence_hub.store import EVENT_TTL, EmbeddedRedis, PresenceStore, keys
-from presence_hub.store.store import open_redis
+from presence_hub.store.clients import open_redis
 from tests.utils import Clock, timeout
 
 ACME = TenantId("acme")

@@ -14,7 +14,7 @@ from presence_hub.hub import Hub
 from presence_hub.ids import TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.store import EmbeddedRedis, PresenceStore
-from presence_hub.store.store import open_redis
+from presence_hub.store.clients import open_redis
 from tests.utils import timeout
 
 

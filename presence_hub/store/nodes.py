@@ -16,13 +16,9 @@ from presence_hub.errors import StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.rules import SessionExpired
 from presence_hub.store import keys
-from presence_hub.store.store import (
-    PresenceStore,
-    RedisClient,
-    ScriptBatcher,
-    redis_errors,
-    register_script,
-)
+from presence_hub.store.clients import RedisClient, redis_errors
+from presence_hub.store.scripts import ScriptBatcher, register_script
+from presence_hub.store.store import PresenceStore
 
 __all__ = ["NODES_KEY", "NodeRegistry"]
 

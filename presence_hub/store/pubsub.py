@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from presence_hub.errors import StoreUnavailable
 from presence_hub.store import keys
-from presence_hub.store.store import RedisClient
+from presence_hub.store.clients import RedisClient
 
 __all__ = ["Listener"]
 

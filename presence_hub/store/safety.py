@@ -10,7 +10,7 @@ from typing import Any, Final
 from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
-from presence_hub.store.store import RedisClient, redis_errors
+from presence_hub.store.clients import RedisClient, redis_errors
 
 __all__ = ["RedisSafety", "check_redis"]
 

@@ -12,61 +12,31 @@ subscribers receive each ``ver`` once, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any, Final, Literal, TypeAlias, cast
+from typing import Any, Final, Literal, TypeAlias
 
-import hiredis
 import msgspec
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline
-from redis.asyncio.connection import (
-    AbstractConnection,
-    Connection,
-    SSLConnection,
-    UnixDomainSocketConnection,
-)
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import RedisCluster
 
 from presence_hub import codec, rules
 from presence_hub.errors import CorruptRecord, StoreContention, StoreUnavailable
 from presence_hub.ids import TenantId, UserId
 from presence_hub.rules import Outcome, TimerFired, UserState, View
 from presence_hub.store import keys
+from presence_hub.store.clients import RedisClient, describe, redis_errors
+from presence_hub.store.scripts import ScriptBatcher, ScriptCall, register_script, run_scripts
 from presence_hub.store.serde import decode_state, encode_state, salvage_state
 
-__all__ = [
-    "EVENT_TTL",
-    "Applied",
-    "EventResult",
-    "PresenceStore",
-    "RedisClient",
-    "ScriptBatcher",
-    "is_cluster_url",
-    "lua_script",
-    "open_redis",
-    "redis_errors",
-    "register_script",
-]
+__all__ = ["EVENT_TTL", "Applied", "EventResult", "PresenceStore"]
 
 log = logging.getLogger(__name__)
 
 EventResult: TypeAlias = Literal["applied", "stale", "duplicate"]
-#: A script, its keys and its arguments.
-ScriptCall: TypeAlias = tuple[AsyncScript, list[str], list[Any]]
-#: A single Redis (or a replica set behind one address) or a Redis Cluster.
-RedisClient: TypeAlias = Redis | RedisCluster
 
 #: Producer event ids are remembered this long (PROTOCOL.md: idempotency).
 EVENT_TTL: Final = 86400
@@ -78,230 +48,11 @@ _MAX_ATTEMPTS: Final = 64
 _decode_view: Final = msgspec.msgpack.Decoder(View).decode
 
 
-CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.partition("://")[0] in CLUSTER_SCHEMES
-
-
-def open_redis(url: str, *, max_connections: int = 128, listener: bool = False) -> RedisClient:
-    """A client for the hub: a bounded pool (thousands of sockets ending at once wait for
-    a connection instead of opening thousands), and for the pub/sub ``listener`` no
-    silent retries, so that every disconnect is seen and followed by a resync.
-
-    ``redis+cluster://host:port`` (or ``rediss+cluster://``) names any node of a Redis
-    Cluster; the client learns the others and which slots each serves from it."""
-    scheme, _, rest = url.partition("://")
-    if scheme in CLUSTER_SCHEMES:
-        return BoundedRedisCluster.from_url(
-            f"{CLUSTER_SCHEMES[scheme]}://{rest}", max_connections=max_connections
-        )
-    options: dict[str, object] = {"max_connections": max_connections, "timeout": 30}
-    if listener:
-        options["retry"] = Retry(NoBackoff(), 0)
-    pool = BlockingConnectionPool.from_url(url, **options)
-    pool.connection_class = _packing_in_c(pool.connection_class)
-    return Redis.from_pool(pool)
-
-
-class _PacksInC(AbstractConnection):
-    """Packs commands with hiredis' C packer, as redis-py's synchronous client does;
-    its asyncio client packs them in Python, at several microseconds a command."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str):
-            args = (*args[0].encode().split(), *args[1:])
-        elif b" " in args[0]:
-            args = (*args[0].split(), *args[1:])
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError:
-            # redis-py's own packer names the argument it cannot send (a DataError).
-            return super().pack_command(*args)
-
-
-class _PackingConnection(_PacksInC, Connection):
-    pass
-
-
-class _PackingUnixConnection(_PacksInC, UnixDomainSocketConnection):
-    pass
-
-
-class _PackingSSLConnection(_PacksInC, SSLConnection):
-    pass
-
-
-_PACKING: Final[dict[type[AbstractConnection], type[AbstractConnection]]] = {
-    Connection: _PackingConnection,
-    UnixDomainSocketConnection: _PackingUnixConnection,
-    SSLConnection: _PackingSSLConnection,
-}
-
-
-def _packing_in_c(cls: type[AbstractConnection]) -> type[AbstractConnection]:
-    return _PACKING.get(cls, cls)
-
-
-#: Set while a task holds one of a BoundedRedisCluster's turns (a pipeline that
-#: retries a redirected command through the client must not wait for a second one).
-_holding_turn: ContextVar[bool] = ContextVar("holding_turn", default=False)
-
-
-class BoundedRedisCluster(RedisCluster):
-    """redis-py's cluster client fails a command with MaxConnectionsError when a
-    server's pool is used up, where BlockingConnectionPool would wait. Here at most
-    ``max_connections`` commands or pipelines run at once (each holds at most one
-    connection per server) and the others wait their turn, so that thousands of
-    sockets closing at once queue up instead of failing."""
-
-    def __init__(self, **options: Any) -> None:
-        options.setdefault("max_connections", 128)
-        super().__init__(**options)
-        self._turns = asyncio.Semaphore(options["max_connections"])
-        # The nodes learnt later are made from these arguments (the dict is shared with
-        # the nodes manager); the startup nodes exist already.
-        kwargs = self.connection_kwargs
-        kwargs["connection_class"] = _packing_in_c(kwargs["connection_class"])
-        for node in self.nodes_manager.startup_nodes.values():
-            node.connection_class = cast("type[Connection]", _packing_in_c(node.connection_class))
-
-    @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        if _holding_turn.get():
-            yield
-            return
-        async with self._turns:
-            token = _holding_turn.set(True)
-            try:
-                yield
-            finally:
-                _holding_turn.reset(token)
-
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self.turn():
-            return await super().execute_command(*args, **kwargs)
-
-    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
-        if shard_hint:
-            raise ValueError("shard_hint is not supported on a cluster")
-        # Abstract only in redis-py's annotations, as its own ClusterPipeline is.
-        return _BoundedClusterPipeline(self, transaction)  # type: ignore[abstract]
-
-
-class _BoundedClusterPipeline(ClusterPipeline):
-    cluster_client: BoundedRedisCluster
-
-    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
-        async with self.cluster_client.turn():
-            return await super().execute(raise_on_error, allow_redirections)
-
-
-@contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
-    """Turn Redis' errors into StoreUnavailable, the one the layers above handle: the
-    one translation of Redis' errors in the store."""
-    try:
-        yield
-    except RedisError as exc:
-        raise StoreUnavailable(_describe(exc)) from exc
-
-
-def _describe(exc: Exception) -> str:
-    """The error's message, or its kind when it has none (some of redis-py's have none)."""
-    return str(exc) or type(exc).__name__
-
-
-def lua_script(name: str) -> str:
-    """The text of a Lua script of store/lua/."""
-    return resources.files("presence_hub.store").joinpath("lua", name).read_text()
-
-
-def register_script(redis: RedisClient, name: str) -> AsyncScript:
-    """A script of store/lua/ run by its SHA, loaded again where Redis answers NOSCRIPT."""
-    # redis-py's annotations name only Redis, but a RedisCluster serves it the same way
-    # (EVALSHA goes to the shard of the keys, SCRIPT LOAD to every primary).
-    return AsyncScript(cast("Redis", redis), lua_script(name))
-
-
 @dataclass(frozen=True, slots=True)
 class Applied:
     result: EventResult
     #: What the rules made of the input; None for a duplicate event.
     outcome: Outcome | None
-
-
-async def run_scripts(redis: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
-    """Script calls in one pipelined round trip (one per shard on a cluster); each
-    reply is a result or the error of that call. A server that answers NOSCRIPT (a
-    restarted or new one: scripts are not persisted) is given the script, and the
-    calls it refused are run again."""
-    replies = await _evalsha_pipeline(redis, calls)
-    refused = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-    if refused:
-        for script in {calls[n][0] for n in refused}:
-            await redis.script_load(script.script)
-        again = await _evalsha_pipeline(redis, [calls[n] for n in refused])
-        for n, reply in zip(refused, again, strict=True):
-            replies[n] = reply
-    return replies
-
-
-async def _evalsha_pipeline(redis: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
-    pipe: Pipeline | ClusterPipeline
-    async with redis.pipeline(transaction=False) as pipe:
-        for script, script_keys, args in calls:
-            # Not pipe.evalsha(), which redis-py refuses in a cluster pipeline; the
-            # command itself is routed by its keys like any other.
-            pipe.execute_command("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-    return replies
-
-
-class ScriptBatcher:
-    """Script calls (commits, snapshot reads) made in one pass of the event loop, sent
-    as one pipeline.
-
-    Under load many sockets commit or subscribe at once; batched, they share one
-    connection checkout, one write and one read instead of paying redis-py's
-    per-command overhead each. Alone, a call waits one pass of the loop.
-    """
-
-    def __init__(self, redis: RedisClient) -> None:
-        self._redis = redis
-        self._queued: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
-
-    def __call__(self, call: ScriptCall) -> asyncio.Future[Any]:
-        """The call's reply, or its error, once the batch it joined is answered."""
-        loop = asyncio.get_running_loop()
-        if not self._queued:
-            # A new task first runs in the next pass: every call of this pass joins it.
-            task = loop.create_task(self._send_batch())
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queued.append((call, future))
-        return future
-
-    async def _send_batch(self) -> None:
-        queued, self._queued = self._queued, []
-        try:
-            replies = await run_scripts(self._redis, [call for call, _ in queued])
-        except asyncio.CancelledError:
-            for _, future in queued:
-                future.cancel()
-            raise
-        except Exception as exc:
-            replies = [exc] * len(queued)
-        for (_, future), reply in zip(queued, replies, strict=True):
-            if future.done():  # its caller was cancelled
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
 
 
 class PresenceStore:
@@ -734,7 +485,7 @@ class PresenceStore:
         failed = next((r for r in replies if isinstance(r, Exception)), None)
         if failed is not None:
             # What could be claimed has fired; the rest waits for the shard to come back.
-            raise StoreUnavailable(_describe(failed))
+            raise StoreUnavailable(describe(failed))
         return len(users)
 
     async def run_timers(self, interval: float = 0.2) -> None:
