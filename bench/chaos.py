@@ -124,8 +124,8 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.process.kill()
 
-    def log_errors(self) -> int:
-        return sum(" ERROR " in line for line in self.log.read_text().splitlines())
+    def log_errors(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if " ERROR " in line][:10]
 
 
 class RecordingClient(PresenceClient):

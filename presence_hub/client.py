@@ -251,8 +251,10 @@ class PresenceClient:
 
     async def _send(self, frame: Mapping[str, Any]) -> None:
         await asyncio.wait_for(self._connected.wait(), self._request_timeout)
-        assert self._ws is not None
-        await self._ws.send(self._encode(frame))
+        ws = self._ws
+        if ws is None:  # dropped again between the wake-up and now
+            raise HubError("unavailable", "the connection closed; retry")
+        await ws.send(self._encode(frame))
 
     async def _request(self, frame: dict[str, Any]) -> dict[str, Any]:
         rid = next(self._ids)
@@ -265,6 +267,11 @@ class PresenceClient:
             raise HubError("unavailable", "no answer from the hub; retry") from exc
         finally:
             self._pending.pop(rid, None)
+            # The connection may have failed it after the send failed: nobody waits.
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()
         if reply["type"] == "error":
             raise HubError(reply["code"], reply["message"])
         return reply
