@@ -405,10 +405,12 @@ class Connection:
                         await self.ws.send(codec.encode(frame, self.fmt))
                         self.metrics.sent("presences").inc()
                 self._delivered(batch.values())
-        except ConnectionClosed:
-            pass
         except TimeoutError:
             await self.close_stalled()
+        except (ConnectionClosed, OSError):
+            # Closed, or reset by the peer (drain() raises what the transport met): the
+            # connection's own handler ends the session.
+            pass
         finally:
             self._pump = None
             self._scheduled = False
