@@ -305,11 +305,12 @@ def stale_views(clients: list[RecordingClient], truth: Mapping[str, Any]) -> lis
     return wrong
 
 
-async def run(form: Form, seed: int) -> dict[str, Any]:
+async def run(form: Form, seed: int, *, aof: bool = True) -> dict[str, Any]:
     rng = random.Random(seed)
-    report: dict[str, Any] = {"form": form.__dict__, "seed": seed, "recovery_s": {}}
+    report: dict[str, Any] = {"form": form.__dict__, "seed": seed, "aof": aof}
     with tempfile.TemporaryDirectory(prefix="presence-hub-chaos-") as tmp:
-        redis = EmbeddedRedis(Path(tmp) / "redis", port=free_port())
+        off = () if aof else ("--appendonly", "no")
+        redis = EmbeddedRedis(Path(tmp) / "redis", port=free_port(), extra_args=off)
         redis.start()
         nodes = [Node(name, redis.url, form, Path(tmp)) for name in ("a", "b")]
         try:
@@ -436,10 +437,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="the short form")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--without-aof", action="store_true", help="Redis with AOF off: the checks must fail"
+    )
     args = parser.parse_args()
     form = FORMS["short" if args.short else "long"]
     started = time.monotonic()
-    report = asyncio.run(run(form, args.seed))
+    report = asyncio.run(run(form, args.seed, aof=not args.without_aof))
     report["seconds"] = round(time.monotonic() - started, 1)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "chaos.json").write_text(json.dumps(report, indent=2))
