@@ -357,24 +357,24 @@ def micro(count: int = 20000) -> dict[str, Any]:
     import msgspec
     from redis.asyncio.connection import Connection
 
-    from presence_hub import codec, rules
+    from presence_hub import codec, model, rules
     from presence_hub.ids import SessionId
     from presence_hub.store.clients import open_redis
     from presence_hub.store.serde import decode_state, encode_state
 
     now = time.time()
     state = rules.apply(
-        rules.UserState(), rules.SessionOpened(SessionId("s1"), "desktop", "n1"), now
+        model.UserState(), model.SessionOpened(SessionId("s1"), "desktop", "n1"), now
     ).state
-    state = rules.apply(state, rules.CallStarted("c0", now), now).state
-    events = [rules.CallStarted("c1", now), rules.CallEnded("c1", now)]
+    state = rules.apply(state, model.CallStarted("c0", now), now).state
+    events = [model.CallStarted("c1", now), model.CallEnded("c1", now)]
     blob = encode_state(state)
     state_map = msgpack.unpackb(blob)
     frame = codec.pack(codec.presence_frame("u1", state.view))
-    decode_view = msgspec.msgpack.Decoder(rules.View).decode
+    decode_view = msgspec.msgpack.Decoder(model.View).decode
 
-    def _view_by_hand(p: dict[str, Any]) -> rules.View:
-        return rules.View(status=p["status"], message=p["message"], since=p["since"], ver=p["ver"])
+    def _view_by_hand(p: dict[str, Any]) -> model.View:
+        return model.View(status=p["status"], message=p["message"], since=p["since"], ver=p["ver"])
 
     commit = (
         "EVALSHA", "a" * 40, 3, "ph:{p1f}:acme:u1", "ph:{p1f}:acme:u1:ev:e1", "ph:{p1f}:timers",

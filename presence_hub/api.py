@@ -11,7 +11,7 @@ from typing import Any, Final, Protocol
 
 from aiohttp import web
 
-from presence_hub import codec, rules
+from presence_hub import codec, model, rules
 from presence_hub.auth import Claims, Role, bearer_token, verify_token
 from presence_hub.config import Settings
 from presence_hub.errors import AuthError, FrameError, StoreError
@@ -143,7 +143,7 @@ async def explain(request: web.Request) -> web.Response:
         return _error(400, "not a valid user id")
     stored = await node.store.load(claims.tenant, UserId(user))
     # What the state is now, even if a due timer has not fired yet; nothing is written.
-    state = rules.apply(stored, rules.TimerFired(), time.time()).state
+    state = rules.apply(stored, model.TimerFired(), time.time()).state
     status, rule = rules.decide(state)
     return web.json_response(
         {
@@ -170,12 +170,12 @@ async def explain(request: web.Request) -> web.Response:
             "last_activity": state.last_activity,
             "auto_away_after": state.auto_away_after,
             "idle": state.idle,
-            "corrupt_record": await node.store.corrupt_record(claims.tenant, UserId(user)),
+            "corrupt_record": await node.store.corrupt.kept(claims.tenant, UserId(user)),
         }
     )
 
 
-def _activities(open_ones: Mapping[str, rules.Activity]) -> list[dict[str, Any]]:
+def _activities(open_ones: Mapping[str, model.Activity]) -> list[dict[str, Any]]:
     return [
         {"ref": ref, "started": a.started, "expires_at": a.deadline} for ref, a in open_ones.items()
     ]

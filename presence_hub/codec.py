@@ -20,7 +20,7 @@ import msgspec
 
 from presence_hub.errors import FrameError
 from presence_hub.ids import UserId, are_valid_ids, is_valid_id
-from presence_hub.rules import MANUAL_STATUSES, Manual, SelfView, View
+from presence_hub.model import MANUAL_STATUSES, Manual, SelfView, View
 
 __all__ = [
     "FORMATS",

@@ -30,7 +30,7 @@ from presence_hub import codec
 from presence_hub.codec import Format
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.metrics import Metrics
-from presence_hub.rules import Device
+from presence_hub.model import Device
 
 __all__ = ["BEHIND", "STORM_WINDOW", "Connection", "Flusher", "Update"]
 

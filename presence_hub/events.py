@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
-from presence_hub import rules
+from presence_hub import model
 from presence_hub.codec import is_number
 from presence_hub.errors import FrameError
 from presence_hub.ids import TenantId, UserId, is_valid_id
@@ -44,16 +44,16 @@ class ProducerEvent:
     at: float
     max_duration: float
 
-    def to_input(self) -> rules.Input:
+    def to_input(self) -> model.Input:
         match self.kind:
             case "call_started":
-                return rules.CallStarted(self.ref, self.at, self.max_duration)
+                return model.CallStarted(self.ref, self.at, self.max_duration)
             case "call_ended":
-                return rules.CallEnded(self.ref, self.at)
+                return model.CallEnded(self.ref, self.at)
             case "meeting_started":
-                return rules.MeetingStarted(self.ref, self.at, self.max_duration)
+                return model.MeetingStarted(self.ref, self.at, self.max_duration)
             case "meeting_ended":
-                return rules.MeetingEnded(self.ref, self.at)
+                return model.MeetingEnded(self.ref, self.at)
 
 
 def _bounded_string(raw: Mapping[str, Any], field: str) -> str:
@@ -78,9 +78,9 @@ def parse_event(raw: Mapping[str, Any]) -> ProducerEvent:
     at = raw.get("at")
     if not is_number(at):
         raise FrameError("bad_request", "at must be a time (Unix seconds)")
-    max_duration = raw.get("max_duration", rules.DEFAULT_MAX_DURATION)
+    max_duration = raw.get("max_duration", model.DEFAULT_MAX_DURATION)
     if max_duration is None:
-        max_duration = rules.DEFAULT_MAX_DURATION
+        max_duration = model.DEFAULT_MAX_DURATION
     if not is_number(max_duration) or not 0 < max_duration <= MAX_DURATION_LIMIT:
         raise FrameError("bad_request", "max_duration must be seconds, above 0 and at most a week")
     return ProducerEvent(

@@ -24,6 +24,7 @@ from presence_hub.delivery import STORM_RATE, Connection, Flusher, Update
 from presence_hub.errors import StoreUnavailable
 from presence_hub.ids import TenantId, UserId
 from presence_hub.metrics import Metrics
+from presence_hub.model import View
 from presence_hub.rules import self_view
 from presence_hub.store import PresenceStore, keys
 from presence_hub.store.clients import RedisClient
@@ -174,10 +175,15 @@ class Hub:
         try:
             for tenant, watched in list(self._watched.items()):
                 entries = list(watched.values())
-                views = await self.store.views(tenant, [user for user, _, _ in entries])
-                for (user, _, conns), view in zip(entries, views, strict=True):
-                    frame = codec.presence_frame(user, view)
-                    Connection.offer(conns, user, Update(codec.pack(frame), frame))
+                stored = await self.store.frames(tenant, [user for user, _, _ in entries])
+                for (user, _, conns), raw in zip(entries, stored, strict=True):
+                    # Forwarded as stored, as a published update is.
+                    if raw is None:
+                        frame = codec.presence_frame(user, View())
+                        update = Update(codec.pack(frame), frame)
+                    else:
+                        update = Update(raw, codec.unpack(raw))
+                    Connection.offer(conns, user, update)
             for owners in list(self._owners.values()):
                 if not owners:
                     continue

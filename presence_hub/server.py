@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from presence_hub import codec, rules
+from presence_hub import codec, model, rules
 from presence_hub.api import make_app
 from presence_hub.auth import Claims, bearer_token, verify_token
 from presence_hub.codec import FORMATS
@@ -51,7 +51,7 @@ KEEPALIVE_SLICE: Final = 0.05
 @dataclass(frozen=True, slots=True)
 class _Admission:
     claims: Claims
-    device: rules.Device
+    device: model.Device
 
 
 class Node:
@@ -255,7 +255,7 @@ class Node:
         except AuthError as exc:
             return _unauthorized(ws, str(exc))
         device = (query.get("device") or ["desktop"])[0]
-        if device not in rules.DEVICES:
+        if device not in model.DEVICES:
             return ws.respond(HTTPStatus.BAD_REQUEST, "device must be desktop, mobile or web\n")
         self._admissions[ws] = _Admission(claims, device)
         return None
@@ -284,7 +284,7 @@ class Node:
             await self.hub.join(conn)
             await self.registry.add_session(conn.session, conn.tenant, conn.user)
             opened = await self.store.apply(
-                conn.tenant, conn.user, rules.SessionOpened(conn.session, conn.device, self.id)
+                conn.tenant, conn.user, model.SessionOpened(conn.session, conn.device, self.id)
             )
         except (StoreError, TimeoutError) as exc:
             self.hub.leave(conn)
@@ -314,16 +314,16 @@ class Node:
             conn.stop()
             self.hub.leave(conn)
             logout = ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
-            ended: rules.Input = (
-                rules.SessionClosed(conn.session)
+            ended: model.Input = (
+                model.SessionClosed(conn.session)
                 if logout
-                else rules.SessionDropped(conn.session, self.settings.grace)
+                else model.SessionDropped(conn.session, self.settings.grace)
             )
             task = asyncio.create_task(self._end_session(conn, ended))
             self._cleanup.add(task)
             task.add_done_callback(self._cleanup.discard)
 
-    async def _end_session(self, conn: Connection, ended: rules.Input) -> None:
+    async def _end_session(self, conn: Connection, ended: model.Input) -> None:
         """Record the end of a session; while Redis is away retry; the lease is the backstop."""
         for attempt in range(600):
             try:

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from websockets.exceptions import ConnectionClosed
 
-from presence_hub import codec, rules
+from presence_hub import codec, model
 from presence_hub.auth import Claims
 from presence_hub.config import Settings
 from presence_hub.delivery import Connection
@@ -213,26 +213,26 @@ class Session:
     async def _dispatch(self, request: codec.Request, arrived: float) -> dict[str, Any] | None:
         s, conn, claims = self.ctx.settings, self.conn, self.claims
 
-        async def apply(tenant: TenantId, user: UserId, change: rules.Input) -> None:
+        async def apply(tenant: TenantId, user: UserId, change: model.Input) -> None:
             with self.ctx.metrics.store_op("apply").time():
                 await self.ctx.store.apply(tenant, user, change, origin=arrived)
 
         match request:
             case codec.SetStatus(status=status):
-                await apply(conn.tenant, conn.user, rules.ManualStatusSet(status))
+                await apply(conn.tenant, conn.user, model.ManualStatusSet(status))
             case codec.SetMessage(text=text, expires_at=expires_at):
                 if expires_at is not None and expires_at <= time.time():
                     raise FrameError("bad_request", "expires_at is in the past")
-                await apply(conn.tenant, conn.user, rules.MessageSet(text, expires_at))
+                await apply(conn.tenant, conn.user, model.MessageSet(text, expires_at))
             case codec.SetSettings(auto_away_after=after):
                 if after is not None and not s.min_auto_away <= after <= 86400:
                     raise FrameError(
                         "bad_request",
                         f"auto_away_after must be {s.min_auto_away:g} to 86400 seconds, or null",
                     )
-                await apply(conn.tenant, conn.user, rules.SettingsChanged(after))
+                await apply(conn.tenant, conn.user, model.SettingsChanged(after))
             case codec.ActivityReport():
-                await apply(conn.tenant, conn.user, rules.ActivitySeen())
+                await apply(conn.tenant, conn.user, model.ActivitySeen())
                 return None
             case codec.Subscribe(users=users, known=known):
                 self._check_size(users)

@@ -16,7 +16,7 @@ from aiohttp import ClientSession
 from redis.crc import key_slot
 
 from presence_hub.ids import TenantId, UserId
-from presence_hub.rules import MessageSet
+from presence_hub.model import MessageSet
 from presence_hub.server import Node
 from presence_hub.store import PresenceStore, keys
 from presence_hub.store.clients import open_redis

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from presence_hub import codec
 from presence_hub.errors import FrameError
-from presence_hub.rules import DEVICES, MANUAL_STATUSES, STATUSES, SelfView, View
+from presence_hub.model import DEVICES, MANUAL_STATUSES, STATUSES, SelfView, View
 
 views = st.builds(
     View,

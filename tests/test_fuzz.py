@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
 from presence_hub.ids import TenantId, UserId, is_valid_id
-from presence_hub.rules import MANUAL_STATUSES
+from presence_hub.model import MANUAL_STATUSES
 from presence_hub.server import Node
 from presence_hub.store import keys
 from tests.conftest import StartNode, make_token, ws_url

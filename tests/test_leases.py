@@ -7,7 +7,7 @@ import asyncio
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from presence_hub.ids import SessionId, TenantId, UserId
-from presence_hub.rules import SessionOpened
+from presence_hub.model import SessionOpened
 from presence_hub.store import EmbeddedRedis, PresenceStore
 from presence_hub.store.nodes import NodeRegistry
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from presence_hub import rules
+from presence_hub import model, rules
 from presence_hub.ids import SessionId
-from presence_hub.rules import (
+from presence_hub.model import (
     ActivitySeen,
     CallEnded,
     CallStarted,
@@ -62,7 +62,7 @@ def run(steps: list[Step]) -> tuple[UserState, list[View]]:
 class Case:
     name: str
     steps: list[Step]
-    status: rules.Status
+    status: model.Status
     rule: int
 
 
@@ -396,7 +396,7 @@ def test_activity_while_active_changes_nothing_private() -> None:
 def test_ended_refs_are_forgotten_after_a_day() -> None:
     state, _ = run([(0, CallEnded("c", T0))])
     assert state.ended
-    later = rules.apply(state, TimerFired(), T0 + rules.ENDED_RETENTION + 1)
+    later = rules.apply(state, TimerFired(), T0 + model.ENDED_RETENTION + 1)
     assert not later.state.ended
 
 
@@ -407,7 +407,7 @@ refs = st.sampled_from(["r1", "r2", "r3"])
 times = st.floats(min_value=T0 - 100, max_value=T0 + 100_000, allow_nan=False)
 
 inputs: st.SearchStrategy[Input] = st.one_of(
-    st.builds(ManualStatusSet, st.sampled_from(rules.MANUAL_STATUSES)),
+    st.builds(ManualStatusSet, st.sampled_from(model.MANUAL_STATUSES)),
     st.builds(
         MessageSet,
         st.one_of(st.none(), st.sampled_from(["a", "b"])),
@@ -415,7 +415,7 @@ inputs: st.SearchStrategy[Input] = st.one_of(
     ),
     st.builds(SettingsChanged, st.one_of(st.none(), st.sampled_from([60.0, 300.0, 3600.0]))),
     st.just(ActivitySeen()),
-    st.builds(SessionOpened, sessions, st.sampled_from(rules.DEVICES), st.just("node")),
+    st.builds(SessionOpened, sessions, st.sampled_from(model.DEVICES), st.just("node")),
     st.builds(SessionClosed, sessions),
     st.builds(SessionDropped, sessions, st.sampled_from([0.0, 10.0, 30.0])),
     st.builds(SessionExpired, sessions),
@@ -430,7 +430,7 @@ timed_inputs = st.lists(
 )
 
 
-def replay(steps: list[tuple[float, Input]]) -> list[tuple[float, UserState, rules.Outcome]]:
+def replay(steps: list[tuple[float, Input]]) -> list[tuple[float, UserState, model.Outcome]]:
     """Apply inputs at increasing times; return (now, state before, outcome) for each."""
     state, now, trace = UserState(), T0, []
     for gap, event in steps:
@@ -446,7 +446,7 @@ def replay(steps: list[tuple[float, Input]]) -> list[tuple[float, UserState, rul
 def test_observers_only_ever_see_valid_statuses(steps: list[tuple[float, Input]]) -> None:
     for _, _, outcome in replay(steps):
         view = outcome.state.view
-        assert view.status in rules.STATUSES
+        assert view.status in model.STATUSES
         assert view.status != "invisible"  # type: ignore[comparison-overlap]
         assert view.status != "offline" or view.message is None
 

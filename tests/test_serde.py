@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from presence_hub.errors import CorruptRecord
 from presence_hub.ids import SessionId
-from presence_hub.rules import MANUAL_STATUSES, Activity, Session, UserState, View
+from presence_hub.model import MANUAL_STATUSES, Activity, Session, UserState, View
 from presence_hub.store.serde import decode_state, encode_state, salvage_state
 
 STATE = UserState(

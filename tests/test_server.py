@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
-from presence_hub import rules
+from presence_hub import model
 from presence_hub.ids import TenantId, UserId
 from presence_hub.store import keys, serde
 from presence_hub.store.nodes import NODES_KEY
@@ -471,7 +471,8 @@ async def test_a_stalled_reader_is_cut_off_and_slows_nobody(start_node: StartNod
         last = n
         if not any(c.user == "slow" for c in node.hub.connections):
             break
-    await alice.request({"type": "query", "users": []})
+    # The query waits behind up to 5,000 commits (slow under a coverage tracer).
+    await alice.request({"type": "query", "users": []}, wait=60)
     final = await fast.presence("alice", message=f"{last:04d}" + "x" * 270, wait=30)
     assert final["ver"] == last + 2
 
@@ -539,7 +540,7 @@ async def test_a_corrupt_record_is_kept_aside_and_the_user_goes_on(
     node = await start_node()
     garbage = b"\x93garbage"
     # One record beyond reading, one whose manual status can still be read.
-    state = rules.UserState(manual="dnd", view=rules.View(ver=3), self_ver=3)
+    state = model.UserState(manual="dnd", view=model.View(ver=3), self_ver=3)
     readable = msgpack.unpackb(serde.encode_state(state))
     readable["s"] = "not sessions"
     records = {"mallory": garbage, "dora": msgpack.packb(readable)}

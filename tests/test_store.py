@@ -19,7 +19,7 @@ from redis.exceptions import DataError
 
 from presence_hub.errors import EmbeddedRedisError, StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
-from presence_hub.rules import (
+from presence_hub.model import (
     CallEnded,
     CallStarted,
     Input,
@@ -181,7 +181,7 @@ async def test_a_timer_whose_node_died_before_committing_fires_again(
 WORKER = """
 import asyncio, sys
 from redis.asyncio import Redis
-from presence_hub.rules import MessageSet
+from presence_hub.model import MessageSet
 from presence_hub.store import PresenceStore
 
 async def main(url, name, count):

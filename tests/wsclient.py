@@ -75,11 +75,11 @@ class Client:
             frame = msgpack.unpackb(data)
         return frame
 
-    async def request(self, frame: Frame) -> Frame:
+    async def request(self, frame: Frame, wait: float = 10) -> Frame:
         """Send a request with a fresh id and return the frame that answers it."""
         rid = next(self._ids)
         await self.send({**frame, "id": rid})
-        return await self.expect(lambda f: f.get("id") == rid)
+        return await self.expect(lambda f: f.get("id") == rid, wait)
 
     async def expect(self, match: Callable[[Frame], bool], wait: float = 10) -> Frame:
         """The first frame, kept or new, that matches; the others stay in the inbox."""

@@ -14,7 +14,7 @@ from typing import Final, cast
 
 from presence_hub.errors import StoreUnavailable
 from presence_hub.ids import SessionId, TenantId, UserId
-from presence_hub.rules import SessionExpired
+from presence_hub.model import SessionExpired
 from presence_hub.store import keys
 from presence_hub.store.clients import RedisClient, redis_errors
 from presence_hub.store.scripts import ScriptBatcher, register_script

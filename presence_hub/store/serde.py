@@ -12,7 +12,7 @@ import msgspec
 from presence_hub.codec import pack
 from presence_hub.errors import CorruptRecord
 from presence_hub.ids import SessionId
-from presence_hub.rules import (
+from presence_hub.model import (
     MANUAL_STATUSES,
     STATUSES,
     Activity,

@@ -23,14 +23,15 @@ from typing import Any, Final, Literal, TypeAlias
 import msgspec
 from redis.asyncio import RedisCluster
 
-from presence_hub import codec, rules
-from presence_hub.errors import CorruptRecord, StoreContention, StoreUnavailable
+from presence_hub import codec, model, rules
+from presence_hub.errors import StoreContention, StoreUnavailable
 from presence_hub.ids import TenantId, UserId
-from presence_hub.rules import Outcome, TimerFired, UserState, View
+from presence_hub.model import Outcome, TimerFired, UserState, View
 from presence_hub.store import keys
 from presence_hub.store.clients import RedisClient, describe, redis_errors
+from presence_hub.store.corrupt import CorruptRecords
 from presence_hub.store.scripts import ScriptBatcher, ScriptCall, register_script, run_scripts
-from presence_hub.store.serde import decode_state, encode_state, salvage_state
+from presence_hub.store.serde import encode_state
 
 __all__ = ["EVENT_TTL", "Applied", "EventResult", "PresenceStore"]
 
@@ -68,9 +69,7 @@ class PresenceStore:
         """``on_corrupt_record`` is called for each record found not to decode (once per
         record and node)."""
         self.redis = redis
-        self._on_corrupt_record = on_corrupt_record
-        #: The corrupt records this node has logged: once each.
-        self._corrupt_logged: set[str] = set()
+        self.corrupt = CorruptRecords(redis, clock, on_corrupt_record)
         self.cluster = isinstance(redis, RedisCluster)
         # Sharded pub/sub on a cluster: an update travels only within its user's shard.
         self._publish = "SPUBLISH" if self.cluster else "PUBLISH"
@@ -103,73 +102,25 @@ class PresenceStore:
                     pipe.hmget(keys.state_key(tenant, user), ["rev", "state"])
                 replies: list[list[bytes | None]] = await pipe.execute()
             return [
-                UserState() if blob is None else await self._decode(tenant, user, rev, blob)
+                UserState() if blob is None else await self.corrupt.decode(tenant, user, rev, blob)
                 for user, (rev, blob) in zip(users, replies, strict=True)
             ]
 
-    async def _decode(
-        self, tenant: TenantId, user: UserId, rev: bytes | int | None, blob: bytes
-    ) -> UserState:
-        try:
-            return decode_state(blob)
-        except CorruptRecord as exc:
-            return await self._salvage(tenant, user, int(rev or 0), blob, exc)
-
-    async def _salvage(
-        self, tenant: TenantId, user: UserId, rev: int, blob: bytes, exc: CorruptRecord
-    ) -> UserState:
-        """A record that does not decode: its bytes are kept aside for an operator (the
-        first copy is never overwritten), and the user goes on from what can still be
-        read of it; the next commit replaces it."""
-        state, lost = salvage_state(blob, rev)
-        aside = keys.corrupt_key(tenant, user)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hsetnx(aside, "raw", blob)  # type: ignore[arg-type]  # bytes are fine
-            pipe.hsetnx(aside, "found_at", repr(self._clock()))
-            pipe.hsetnx(aside, "lost", ",".join(lost))
-            pipe.hsetnx(aside, "error", str(exc))
-            await pipe.execute()
-        if aside not in self._corrupt_logged:
-            self._corrupt_logged.add(aside)
-            if self._on_corrupt_record is not None:
-                self._on_corrupt_record()
-            log.error(
-                "corrupt state record of %s/%s (%s): kept in %s; lost %s",
-                tenant,
-                user,
-                exc,
-                aside,
-                ", ".join(lost) or "nothing",
-            )
-        return state
-
-    async def corrupt_record(self, tenant: TenantId, user: UserId) -> dict[str, Any] | None:
-        """What was kept aside of the user's corrupt record, if any (for ``explain``)."""
-        aside = keys.corrupt_key(tenant, user)
-        with redis_errors():
-            found: dict[bytes, bytes] = await self.redis.hgetall(aside)  # type: ignore[misc]
-        if not found:
-            return None
-        lost = found.get(b"lost", b"").decode()
-        return {
-            "key": aside,
-            "found_at": float(found.get(b"found_at", b"0")),
-            "bytes": len(found.get(b"raw", b"")),
-            "lost": lost.split(",") if lost else [],
-            "error": found.get(b"error", b"").decode(errors="replace"),
-        }
-
     async def views(self, tenant: TenantId, users: Sequence[UserId]) -> list[View]:
         """What observers see of each user; a user never seen is offline at ver 0."""
+        return [View() if f is None else _decode_view(f) for f in await self.frames(tenant, users)]
+
+    async def frames(self, tenant: TenantId, users: Sequence[UserId]) -> list[bytes | None]:
+        """Each user's stored ``presence`` frame, packed as it was published; None for a
+        user never seen."""
         if not users:
             return []
         state_keys = [keys.state_key(tenant, u) for u in users]
         with redis_errors():
             if self.cluster:
-                frames = await self._views_by_partition(tenant, users, state_keys)
-            else:
-                frames = await self.batcher((self._views, state_keys, []))
-        return [View() if f is None else _decode_view(f) for f in frames]
+                return await self._views_by_partition(tenant, users, state_keys)
+            frames: list[bytes | None] = await self.batcher((self._views, state_keys, []))
+            return frames
 
     async def _views_by_partition(
         self, tenant: TenantId, users: Sequence[UserId], state_keys: list[str]
@@ -191,7 +142,7 @@ class PresenceStore:
         self,
         tenant: TenantId,
         user: UserId,
-        event: rules.Input,
+        event: model.Input,
         *,
         event_id: str | None = None,
         origin: float | None = None,
@@ -208,7 +159,7 @@ class PresenceStore:
         self,
         tenant: TenantId,
         user: UserId,
-        event: rules.Input,
+        event: model.Input,
         event_id: str | None,
         origin: float | None = None,
     ) -> Applied:
@@ -294,7 +245,7 @@ class PresenceStore:
     async def apply_events(
         self,
         tenant: TenantId,
-        batch: Sequence[tuple[UserId, rules.Input, str]],
+        batch: Sequence[tuple[UserId, model.Input, str]],
         *,
         origin: float | None = None,
     ) -> list[EventResult]:
@@ -312,7 +263,7 @@ class PresenceStore:
     async def _apply_events(
         self,
         tenant: TenantId,
-        batch: Sequence[tuple[UserId, rules.Input, str]],
+        batch: Sequence[tuple[UserId, model.Input, str]],
         origin: float | None,
     ) -> list[EventResult]:
         by_user: dict[UserId, list[int]] = {}
@@ -339,7 +290,7 @@ class PresenceStore:
     async def _fold_and_commit(
         self,
         tenant: TenantId,
-        batch: Sequence[tuple[UserId, rules.Input, str]],
+        batch: Sequence[tuple[UserId, model.Input, str]],
         origin: float | None,
         by_user: dict[UserId, list[int]],
     ) -> list[EventResult]:
@@ -434,7 +385,10 @@ class PresenceStore:
                 if raw_rev is None or blob is None:
                     states[user] = (0, UserState())
                 else:
-                    states[user] = (int(raw_rev), await self._decode(tenant, user, raw_rev, blob))
+                    states[user] = (
+                        int(raw_rev),
+                        await self.corrupt.decode(tenant, user, raw_rev, blob),
+                    )
             for n, flag in zip(group, values[2 * len(users) :], strict=True):
                 seen[n] = bool(flag)
         return states
@@ -458,7 +412,7 @@ class PresenceStore:
         seen = bool(extra) and bool(values[2])
         if rev is None or blob is None:
             return 0, UserState(), seen
-        return int(rev), await self._decode(tenant, user, rev, blob), seen
+        return int(rev), await self.corrupt.decode(tenant, user, rev, blob), seen
 
     async def fire_due_timers(self, limit: int = 200) -> int:
         """Fire every due timer this node can claim; returns how many it fired.
