@@ -1,0 +1,119 @@
+"""Who on a node watches whom: published updates reach exactly the watching sockets,
+and after the listener listens again every watcher is handed the stored truth."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import cast
+
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.server import ServerConnection
+
+from presence_hub import codec
+from presence_hub.delivery import Connection
+from presence_hub.hub import Hub
+from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.metrics import Metrics
+from presence_hub.model import ManualStatusSet, MessageSet, SessionOpened, View
+from presence_hub.store import EmbeddedRedis, PresenceStore, keys
+from presence_hub.store.clients import open_redis
+from tests.utils import eventually, timeout
+
+ACME, ALICE, BOB, CAROL = TenantId("acme"), UserId("alice"), UserId("bob"), UserId("carol")
+
+
+def watcher(hub: Hub, user: UserId) -> Connection:
+    """A socket that has not had its welcome yet: what the hub hands it stays pending,
+    where the test can read it."""
+    return Connection(
+        cast(ServerConnection, None),
+        "json",
+        tenant=ACME,
+        user=user,
+        session=SessionId(f"s-{user}"),
+        device="desktop",
+        send_timeout=1.0,
+        metrics=hub.metrics,
+        flusher=hub.flusher,
+    )
+
+
+@pytest.fixture
+async def hub(redis: Redis, own_redis_server: EmbeddedRedis) -> AsyncIterator[Hub]:
+    """A hub whose store writes to one Redis and whose listener listens on another
+    (``own_redis_server``): it hears only what the test publishes there, so every
+    commit of the store is an update it missed."""
+    listen_redis = open_redis(own_redis_server.url, max_connections=4, listener=True)
+    hub = Hub(PresenceStore(redis), listen_redis, Metrics())
+    running = asyncio.create_task(hub.run())
+    await asyncio.wait_for(hub.wait_ready(), timeout(10))
+    yield hub
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await listen_redis.aclose()
+
+
+async def publish(redis_server: EmbeddedRedis, user: UserId, view: View) -> dict[str, object]:
+    frame = codec.presence_frame(user, view)
+    publisher = Redis.from_url(redis_server.url)
+    await publisher.publish(keys.presence_channel(ACME, user), codec.sealed(1.0, codec.pack(frame)))
+    await publisher.aclose()
+    return frame
+
+
+async def test_an_update_reaches_the_watchers_of_its_user_only(
+    hub: Hub, own_redis_server: EmbeddedRedis
+) -> None:
+    bob, carol = watcher(hub, BOB), watcher(hub, CAROL)
+    await hub.watch(bob, [ALICE])
+    await hub.watch(carol, [UserId("dave")])
+    frame = await publish(own_redis_server, ALICE, View(status="busy", ver=3))
+    await eventually(lambda: ALICE in bob._pending)
+    assert bob._pending[ALICE].map == frame
+    assert carol._pending == {}
+
+
+async def test_the_last_watcher_gone_the_user_is_released(
+    hub: Hub, own_redis_server: EmbeddedRedis
+) -> None:
+    bob, carol = watcher(hub, BOB), watcher(hub, CAROL)
+    await hub.watch(bob, [ALICE])
+    await hub.watch(carol, [ALICE])
+    hub.unwatch(bob, [ALICE])
+    assert hub.subscriptions == 1
+    hub.leave(carol)
+    assert hub.subscriptions == 0
+    await hub.watch(bob, [UserId("dave")])
+    await publish(own_redis_server, ALICE, View(status="busy", ver=3))
+    dave = await publish(own_redis_server, UserId("dave"), View(status="dnd", ver=1))
+    await eventually(lambda: UserId("dave") in bob._pending)
+    assert bob._pending[UserId("dave")].map == dave
+    assert ALICE not in bob._pending
+    assert ALICE not in carol._pending
+
+
+async def test_listening_again_hands_every_watcher_the_stored_truth(
+    hub: Hub, own_redis_server: EmbeddedRedis
+) -> None:
+    bob = watcher(hub, BOB)
+    await hub.watch(bob, [ALICE, CAROL])
+    await hub.join(bob)
+    # Committed while the hub was not listening (here: on another Redis).
+    await hub.store.apply(ACME, ALICE, SessionOpened(SessionId("s1"), "desktop", "elsewhere"))
+    await hub.store.apply(ACME, ALICE, ManualStatusSet("busy"))
+    await hub.store.apply(ACME, BOB, MessageSet("at lunch"))
+    assert bob._pending == {}
+    listen_admin = Redis.from_url(own_redis_server.url)
+    await listen_admin.client_kill_filter(_type="pubsub")
+    await listen_admin.aclose()
+
+    await eventually(lambda: len(bob._pending) == 2 and bob._pending_self is not None, wait=30)
+    (stored,) = await hub.store.frames(ACME, [ALICE])
+    assert bob._pending[ALICE].raw == stored
+    assert bob._pending[ALICE].map["status"] == "busy"
+    # Never seen: offline at ver 0.
+    assert bob._pending[CAROL].map == codec.presence_frame(CAROL, View())
+    assert bob._pending_self is not None
+    assert bob._pending_self.map["message"] == "at lunch"
