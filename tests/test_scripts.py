@@ -1,0 +1,94 @@
+"""Lua scripts by their SHA, pipelined: the calls of one pass of the event loop share
+one round trip, each gets its own reply or error, and a Redis that lost its scripts
+(restarted, or flushed) is given them again."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError, ResponseError
+
+from presence_hub.store.clients import RedisClient, open_redis
+from presence_hub.store.scripts import ScriptBatcher, ScriptCall, lua_script, run_scripts
+
+ECHO = """
+if ARGV[1] == 'fail' then return redis.error_reply('asked to fail') end
+redis.call('INCR', KEYS[1])
+return ARGV[1]
+"""
+
+
+def echo(redis: RedisClient, word: str) -> ScriptCall:
+    return (AsyncScript(cast("Redis", redis), ECHO), ["calls"], [word])
+
+
+async def calls_made(redis: Redis) -> int:
+    return int(await redis.get("calls") or 0)
+
+
+async def test_each_call_gets_its_own_reply_or_error(redis: Redis) -> None:
+    await redis.delete("calls")
+    replies = await run_scripts(redis, [echo(redis, "a"), echo(redis, "fail"), echo(redis, "b")])
+    assert replies[0] == b"a"
+    assert isinstance(replies[1], ResponseError)
+    assert "asked to fail" in str(replies[1])
+    assert replies[2] == b"b"
+    assert await calls_made(redis) == 2
+
+
+async def test_a_redis_that_lost_its_scripts_is_given_them_again(redis: Redis) -> None:
+    await redis.delete("calls")
+    assert await run_scripts(redis, [echo(redis, "a")]) == [b"a"]
+    await redis.script_flush()
+    assert await run_scripts(redis, [echo(redis, "b"), echo(redis, "c")]) == [b"b", b"c"]
+    # Each call ran once: the refused ones again, after the script was loaded.
+    assert await calls_made(redis) == 3
+
+
+async def test_the_calls_of_one_pass_share_one_round_trip(redis: Redis) -> None:
+    await redis.delete("calls")
+    pipelines = 0
+    pipeline = redis.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return pipeline(*args, **kwargs)
+
+    redis.pipeline = counted  # type: ignore[method-assign]
+    batcher = ScriptBatcher(redis)
+    futures = [batcher(echo(redis, f"w{n}")) for n in range(50)]
+    assert await asyncio.gather(*futures) == [f"w{n}".encode() for n in range(50)]
+    assert pipelines == 1
+    # A call of a later pass goes in a pipeline of its own.
+    assert await batcher(echo(redis, "later")) == b"later"
+    assert pipelines == 2
+    assert await calls_made(redis) == 51
+
+
+async def test_an_error_of_one_call_reaches_its_caller_only(redis: Redis) -> None:
+    batcher = ScriptBatcher(redis)
+    good, bad = batcher(echo(redis, "ok")), batcher(echo(redis, "fail"))
+    cancelled = batcher(echo(redis, "gone"))
+    cancelled.cancel()
+    assert await good == b"ok"
+    with pytest.raises(ResponseError, match="asked to fail"):
+        await bad
+
+
+async def test_an_unreachable_redis_fails_every_call_of_the_batch() -> None:
+    nowhere = open_redis("redis://127.0.0.1:1", max_connections=2)
+    batcher = ScriptBatcher(nowhere)
+    futures = [batcher(echo(nowhere, "a")), batcher(echo(nowhere, "b"))]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results), results
+    await nowhere.aclose()
+
+
+def test_the_scripts_ship_with_the_package() -> None:
+    for name in ("commit.lua", "read.lua", "views.lua", "claim_timers.lua"):
+        assert "redis.call" in lua_script(name)
