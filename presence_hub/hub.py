@@ -94,8 +94,8 @@ class Hub:
                 new.append(channel)
             else:
                 user, channel, conns = entry
-                if listener.confirming(channel):
-                    waiting.append(channel)
+                # It may still wait for Redis' confirmation: the listener knows.
+                waiting.append(channel)
                 conns.add(conn)
             if user not in watching:
                 watching[user] = -1

@@ -1,5 +1,7 @@
-"""Who on a node watches whom: published updates reach exactly the watching sockets,
-and after the listener listens again every watcher is handed the stored truth."""
+"""Who on a node watches whom: sockets that watch the same user share one Redis
+subscription and its confirmation, published updates reach exactly the watching
+sockets, and after the listener listens again every watcher is handed the stored
+truth."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from presence_hub.store import EmbeddedRedis, PresenceStore, keys
 from presence_hub.store.clients import open_redis
 from tests.utils import eventually, timeout
 
-ACME, ALICE, BOB, CAROL = TenantId("acme"), UserId("alice"), UserId("bob"), UserId("carol")
+ACME = TenantId("acme")
+ALICE, BOB, CAROL, DAVE = UserId("alice"), UserId("bob"), UserId("carol"), UserId("dave")
 
 
 def watcher(hub: Hub, user: UserId) -> Connection:
@@ -68,30 +71,47 @@ async def test_an_update_reaches_the_watchers_of_its_user_only(
 ) -> None:
     bob, carol = watcher(hub, BOB), watcher(hub, CAROL)
     await hub.watch(bob, [ALICE])
-    await hub.watch(carol, [UserId("dave")])
+    await hub.watch(carol, [DAVE])
     frame = await publish(own_redis_server, ALICE, View(status="busy", ver=3))
     await eventually(lambda: ALICE in bob._pending)
     assert bob._pending[ALICE].map == frame
     assert carol._pending == {}
 
 
-async def test_the_last_watcher_gone_the_user_is_released(
+async def test_a_watcher_that_gives_up_does_not_cancel_the_others_wait(hub: Hub) -> None:
+    first, second = watcher(hub, BOB), watcher(hub, CAROL)
+    # The first subscribes; the second waits for the same confirmation. Then the first
+    # is cancelled (its socket went away) before Redis answers.
+    gives_up = asyncio.create_task(hub.watch(first, [ALICE, DAVE]))
+    waits = asyncio.create_task(hub.watch(second, [ALICE, DAVE]))
+    await asyncio.sleep(0)
+    gives_up.cancel()
+    await asyncio.wait_for(waits, timeout(10))
+    assert second.watching == {ALICE: -1, DAVE: -1}
+    assert hub.subscriptions == 2
+
+
+async def test_the_last_watcher_to_leave_releases_the_user(
     hub: Hub, own_redis_server: EmbeddedRedis
 ) -> None:
     bob, carol = watcher(hub, BOB), watcher(hub, CAROL)
-    await hub.watch(bob, [ALICE])
-    await hub.watch(carol, [ALICE])
-    hub.unwatch(bob, [ALICE])
+    await hub.watch(bob, [ALICE, DAVE])
+    await hub.watch(carol, [DAVE, DAVE])
+    assert hub.subscriptions == 2
+    hub.unwatch(bob, [ALICE, DAVE, UserId("erin")])
+    assert (bob.watching, carol.watching) == ({}, {DAVE: -1})
     assert hub.subscriptions == 1
     hub.leave(carol)
     assert hub.subscriptions == 0
-    await hub.watch(bob, [UserId("dave")])
-    await publish(own_redis_server, ALICE, View(status="busy", ver=3))
-    dave = await publish(own_redis_server, UserId("dave"), View(status="dnd", ver=1))
-    await eventually(lambda: UserId("dave") in bob._pending)
-    assert bob._pending[UserId("dave")].map == dave
-    assert ALICE not in bob._pending
-    assert ALICE not in carol._pending
+    # Released: an update of theirs reaches nobody. Watched again: subscribed again.
+    await asyncio.wait_for(hub.watch(bob, [UserId("erin")]), timeout(10))
+    assert hub.subscriptions == 1
+    await publish(own_redis_server, DAVE, View(status="busy", ver=3))
+    erin = await publish(own_redis_server, UserId("erin"), View(status="dnd", ver=1))
+    await eventually(lambda: UserId("erin") in bob._pending)
+    assert bob._pending[UserId("erin")].map == erin
+    assert DAVE not in bob._pending
+    assert DAVE not in carol._pending
 
 
 async def test_listening_again_hands_every_watcher_the_stored_truth(

@@ -165,13 +165,9 @@ class Listener:
         if not self._ready.is_set():
             raise StoreUnavailable("not listening on Redis; retry later")
 
-    def confirming(self, channel: str) -> bool:
-        """Whether a subscription to ``channel`` waits for Redis' confirmation."""
-        return channel in self._confirmed
-
     async def subscribe(self, new: list[str], waiting: Iterable[str] = ()) -> None:
-        """Listen to the ``new`` channels; returns once Redis confirmed them, and the
-        ``waiting`` ones subscribed earlier."""
+        """Listen to the ``new`` channels; returns once Redis confirmed them, and those
+        of the ``waiting`` ones, subscribed earlier, that are still unconfirmed."""
         confirmed = self._confirmed
         waits = [confirmed[c] for c in waiting if c in confirmed]
         if new:
