@@ -153,6 +153,8 @@ async def explain(request: web.Request) -> web.Response:
             "reason": rules.RULE_REASONS[rule],
             "presence": codec.presence_map(user, state.view),
             "manual": state.manual,
+            "manual_until": state.manual_until,
+            "at_manual_until": _at_manual_until(state),
             "message": state.message,
             "message_expires_at": state.message_expires_at,
             "sessions": [
@@ -173,6 +175,15 @@ async def explain(request: web.Request) -> web.Response:
             "corrupt_record": await node.store.corrupt.kept(claims.tenant, UserId(user)),
         }
     )
+
+
+def _at_manual_until(state: model.UserState) -> dict[str, Any] | None:
+    """What the user's status becomes when the manual status ends, all else as now."""
+    if state.manual_until is None:
+        return None
+    then = rules.apply(state, model.TimerFired(), state.manual_until).state
+    status, rule = rules.decide(then)
+    return {"manual": then.manual, "effective": status, "reason": rules.RULE_REASONS[rule]}
 
 
 def _activities(open_ones: Mapping[str, model.Activity]) -> list[dict[str, Any]]:

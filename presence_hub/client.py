@@ -175,8 +175,9 @@ class PresenceClient:
 
     # --- Requests -------------------------------------------------------------------
 
-    async def set_status(self, status: str) -> None:
-        await self._request({"type": "set_status", "status": status})
+    async def set_status(self, status: str, until: float | None = None) -> None:
+        """``until``: when it becomes ``available`` by itself (Unix seconds); None: never."""
+        await self._request({"type": "set_status", "status": status, "until": until})
 
     async def set_message(self, text: str | None, expires_at: float | None = None) -> None:
         await self._request({"type": "set_message", "text": text, "expires_at": expires_at})

@@ -86,6 +86,7 @@ class SetStatus:
     type: ClassVar[str] = "set_status"
     id: RequestId
     status: Manual
+    until: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +266,10 @@ def _parse(frame: dict[Any, Any], rid: RequestId) -> Request:
         status = frame.get("status")
         if status not in MANUAL_STATUSES:
             raise FrameError("bad_request", f"status must be one of {', '.join(MANUAL_STATUSES)}")
-        return SetStatus(rid, status)
+        until = _optional_number(frame, "until")
+        if until is not None and until < 0:
+            raise FrameError("bad_request", "until must be a time (Unix seconds), or null")
+        return SetStatus(rid, status, until)
     if kind == "set_message":
         text = frame.get("text")
         if text is not None and (not isinstance(text, str) or len(text) > MAX_MESSAGE_LENGTH):
@@ -435,6 +439,7 @@ def presence_frame(user: UserId | str, view: View) -> dict[str, Any]:
 def self_map(view: SelfView) -> dict[str, Any]:
     return {
         "manual": view.manual,
+        "manual_until": view.manual_until,
         "message": view.message,
         "message_expires_at": view.message_expires_at,
         "effective": view.effective,

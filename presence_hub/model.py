@@ -17,6 +17,7 @@ __all__ = [
     "DEVICES",
     "ENDED_RETENTION",
     "MANUAL_STATUSES",
+    "MAX_MANUAL_DURATION",
     "STATUSES",
     "Activity",
     "ActivitySeen",
@@ -55,6 +56,8 @@ DEVICES: Final[tuple[Device, ...]] = ("desktop", "mobile", "web")
 
 #: PROTOCOL.md: a call or meeting whose end never arrives lasts at most 12 hours.
 DEFAULT_MAX_DURATION: Final = 43200.0
+#: How far ahead a manual status may be given an end time: a year, leap years included.
+MAX_MANUAL_DURATION: Final = 366 * 86400.0
 #: How long an ended call or meeting is remembered, so that its start, arriving
 #: late or replayed, cannot reopen it. Longer than any default maximum duration.
 ENDED_RETENTION: Final = 86400.0
@@ -98,6 +101,7 @@ class SelfView(msgspec.Struct, frozen=True, gc=False):
     """The user's full private view of their own state, sent to their own sessions."""
 
     manual: Manual
+    manual_until: float | None
     message: str | None
     message_expires_at: float | None
     effective: Status
@@ -112,6 +116,8 @@ class SelfView(msgspec.Struct, frozen=True, gc=False):
 
 class UserState(msgspec.Struct, frozen=True, gc=False):
     manual: Manual = "available"
+    #: When the manual status becomes ``available`` by itself (never for ``available``).
+    manual_until: float | None = None
     message: str | None = None
     message_expires_at: float | None = None
     auto_away_after: float | None = None
@@ -134,6 +140,8 @@ class UserState(msgspec.Struct, frozen=True, gc=False):
 @dataclass(frozen=True, slots=True)
 class ManualStatusSet:
     status: Manual
+    #: When it becomes ``available`` by itself; None: never.
+    until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,6 +104,7 @@ def accepts_calls(state: UserState) -> bool:
 def self_view(state: UserState) -> SelfView:
     return SelfView(
         manual=state.manual,
+        manual_until=state.manual_until,
         message=state.message,
         message_expires_at=state.message_expires_at,
         effective=state.view.status,
@@ -195,11 +196,15 @@ def _is_idle(auto_away_after: float | None, last_activity: float | None, now: fl
 
 
 # Time-driven changes: (when, what, which).
-_Due: TypeAlias = tuple[float, Literal["message", "call", "meeting", "grace", "idle"], str]
+_Due: TypeAlias = tuple[
+    float, Literal["manual", "message", "call", "meeting", "grace", "idle"], str
+]
 
 
 def _due_points(state: UserState) -> list[_Due]:
     points: list[_Due] = []
+    if state.manual_until is not None:
+        points.append((state.manual_until, "manual", ""))
     if state.message_expires_at is not None:
         points.append((state.message_expires_at, "message", ""))
     points.extend((a.deadline, "call", ref) for ref, a in state.calls.items())
@@ -221,7 +226,10 @@ def _next_due(state: UserState, now: float) -> float | None:
 def _expire(state: UserState, now: float, tracker: _StatusTracker) -> UserState:
     due = sorted(p for p in _due_points(state) if p[0] <= now)
     for at, what, which in due:
-        if what == "message":
+        if what == "manual":
+            # As if the user had set available at that moment.
+            state, _ = _handle(state, ManualStatusSet("available"), at)
+        elif what == "message":
             state = replace(state, message=None, message_expires_at=None)
         elif what == "call":
             state = _close(state, "call", which, forget_at=at + ENDED_RETENTION)
@@ -237,8 +245,11 @@ def _expire(state: UserState, now: float, tracker: _StatusTracker) -> UserState:
 
 def _handle(state: UserState, event: Input, now: float) -> tuple[UserState, Result]:
     match event:
-        case ManualStatusSet(status=status):
-            return replace(state, manual=status), "applied"
+        case ManualStatusSet(status=status, until=until):
+            if status == "available" or (until is not None and until <= now):
+                # An end time already passed: available at once; available never ends.
+                return replace(state, manual="available", manual_until=None), "applied"
+            return replace(state, manual=status, manual_until=until), "applied"
         case MessageSet(text=text, expires_at=expires_at):
             if text is None or (expires_at is not None and expires_at <= now):
                 text, expires_at = None, None

@@ -218,8 +218,10 @@ class Session:
                 await self.ctx.store.apply(tenant, user, change, origin=arrived)
 
         match request:
-            case codec.SetStatus(status=status):
-                await apply(conn.tenant, conn.user, model.ManualStatusSet(status))
+            case codec.SetStatus(status=status, until=until):
+                if until is not None and until > time.time() + model.MAX_MANUAL_DURATION:
+                    raise FrameError("bad_request", "until is more than a year ahead")
+                await apply(conn.tenant, conn.user, model.ManualStatusSet(status, until))
             case codec.SetMessage(text=text, expires_at=expires_at):
                 if expires_at is not None and expires_at <= time.time():
                     raise FrameError("bad_request", "expires_at is in the past")

@@ -162,3 +162,47 @@ def test_the_watch_table_has_a_row_per_contact() -> None:
     assert "2m ago" in text
     assert "bob" in text
     assert "never seen" in text
+
+
+async def test_a_status_with_an_end_shows_when_it_ends(start_node: StartNode) -> None:
+    node = await start_node()
+    until = time.time() + 3600
+    async with PresenceClient(ws_url(node), make_token("alice")) as alice:
+        await alice.set_status("dnd", until=until)
+        await eventually(lambda: alice.me["manual_until"] == until)
+        assert alice.me["manual"] == "dnd"
+        out = io.StringIO()
+        console = Console(file=out, force_terminal=False, width=120)
+        # Watching oneself, one's own row says when the status ends; others' do not.
+        watching = asyncio.create_task(
+            watch(ws_url(node), make_token("alice"), ["alice", "bob"], console=console)
+        )
+        try:
+            await eventually(lambda: "bob offline" in out.getvalue())
+            (own_line,) = [line for line in out.getvalue().splitlines() if "alice" in line]
+            assert own_line.startswith("alice dnd until ")
+            assert "until" not in out.getvalue().replace(own_line, "")
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        await alice.set_status("busy")
+        await eventually(lambda: alice.me["manual"] == "busy")
+        assert alice.me["manual_until"] is None
+
+
+def test_the_watch_table_shows_when_ones_own_status_ends() -> None:
+    now = time.mktime((2026, 12, 1, 9, 0, 0, 0, 0, -1))
+    presence = {
+        "alice": Presence("alice", "dnd", None, now - 60, 2),
+        "bob": Presence("bob", "busy", None, now - 60, 3),
+    }
+    text = io.StringIO()
+    table = render(["alice", "bob"], presence, now, me="alice", manual_until=now + 5400)
+    Console(file=text, width=120).print(table)
+    assert "dnd until 10:30" in text.getvalue()
+    assert text.getvalue().count("until") == 1
+    later = io.StringIO()
+    tomorrow = render(["alice"], presence, now, me="alice", manual_until=now + 86400)
+    Console(file=later, width=120).print(tomorrow)
+    assert "until 2 Dec 09:00" in later.getvalue()

@@ -43,6 +43,7 @@ request_ids = st.none() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=64
 self_views = st.builds(
     SelfView,
     manual=st.sampled_from(MANUAL_STATUSES),
+    manual_until=st.none() | st.floats(0, 4e9),
     message=st.none() | st.text(max_size=20),
     message_expires_at=st.none() | st.floats(0, 4e9),
     effective=st.sampled_from(STATUSES),
@@ -117,7 +118,8 @@ def test_every_frame_to_clients_round_trips(fmt: codec.Format, frame: dict[str, 
 
 client_frames = st.one_of(
     st.fixed_dictionaries(
-        {"type": st.just("set_status"), "status": st.sampled_from(MANUAL_STATUSES)}
+        {"type": st.just("set_status"), "status": st.sampled_from(MANUAL_STATUSES)},
+        optional={"until": st.none() | st.floats(0, 4e9)},
     ),
     st.fixed_dictionaries(
         {
@@ -167,6 +169,9 @@ def test_every_request_decodes_to_its_fields(
     ("frame", "why"),
     [
         ({"type": "set_status", "status": "on_call"}, "status must be one of"),
+        ({"type": "set_status", "status": "dnd", "until": "soon"}, "until must be a number"),
+        ({"type": "set_status", "status": "dnd", "until": -1}, "until must be a time"),
+        ({"type": "set_status", "status": "dnd", "until": float("inf")}, "finite"),
         ({"type": "subscribe", "users": ["a b"]}, "users must be a list of user ids"),
         ({"type": "set_message", "text": "x" * 281}, "at most 280"),
         ({"type": "set_settings"}, "auto_away_after is required"),

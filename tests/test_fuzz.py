@@ -131,7 +131,7 @@ def frame_of(kind: str, **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[d
 
 #: One well-formed frame of every type a client sends.
 VALID_FRAMES: Final = st.one_of(
-    frame_of("set_status", status=st.sampled_from(MANUAL_STATUSES)),
+    frame_of("set_status", status=st.sampled_from(MANUAL_STATUSES), until=TIMES),
     frame_of("set_message", text=st.one_of(st.none(), st.text(max_size=280)), expires_at=TIMES),
     frame_of("set_settings", auto_away_after=st.one_of(st.none(), st.floats(60, 86400))),
     frame_of("activity"),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from presence_hub import model, rules
 from presence_hub.ids import SessionId
@@ -252,6 +253,86 @@ CASES = [
         "dnd",
         3,
     ),
+    # A manual status with an end time.
+    Case(
+        "dnd until its end is dnd",
+        [(0, desktop()), (1, ManualStatusSet("dnd", T0 + 60)), (59, TimerFired())],
+        "dnd",
+        3,
+    ),
+    Case(
+        "dnd after its end is available",
+        [(0, desktop()), (1, ManualStatusSet("dnd", T0 + 60)), (60, TimerFired())],
+        "available",
+        9,
+    ),
+    Case(
+        "an end time already passed is available at once",
+        [(0, desktop()), (5, ManualStatusSet("dnd", T0 + 5))],
+        "available",
+        9,
+    ),
+    Case(
+        "a call open when dnd ends is on_call",
+        [
+            (0, desktop()),
+            (1, ManualStatusSet("dnd", T0 + 60)),
+            (2, CallStarted("c", T0 + 2)),
+            (60, TimerFired()),
+        ],
+        "on_call",
+        6,
+    ),
+    Case(
+        "a meeting open when away ends is busy",
+        [
+            (0, desktop()),
+            (1, ManualStatusSet("away", T0 + 60)),
+            (2, MeetingStarted("m", T0 + 2)),
+            (61, TimerFired()),
+        ],
+        "busy",
+        7,
+    ),
+    Case(
+        "inactivity shows as soon as busy ends",
+        [
+            (0, SettingsChanged(300)),
+            (0, desktop()),
+            (1, ManualStatusSet("busy", T0 + 1000)),
+            (1000, TimerFired()),
+        ],
+        "away",
+        8,
+    ),
+    Case(
+        "a new status without an end replaces the old end",
+        [
+            (0, desktop()),
+            (1, ManualStatusSet("dnd", T0 + 60)),
+            (2, ManualStatusSet("busy")),
+            (100, TimerFired()),
+        ],
+        "busy",
+        4,
+    ),
+    Case(
+        "a new status with an end replaces the old end",
+        [
+            (0, desktop()),
+            (1, ManualStatusSet("dnd", T0 + 60)),
+            (2, ManualStatusSet("away", T0 + 200)),
+            (100, TimerFired()),
+        ],
+        "away",
+        5,
+    ),
+    Case(
+        "the end passes while offline",
+        [(0, ManualStatusSet("invisible", T0 + 60)), (100, TimerFired()), (101, desktop())],
+        "available",
+        9,
+    ),
 ]
 
 
@@ -393,6 +474,37 @@ def test_activity_while_active_changes_nothing_private() -> None:
     assert outcome.self_view is None
 
 
+def test_a_manual_end_publishes_once_with_since_at_the_end() -> None:
+    state, _ = run([(0, desktop()), (1, ManualStatusSet("dnd", T0 + 60))])
+    assert state.manual_until == T0 + 60
+    assert rules.self_view(state).manual_until == T0 + 60
+    assert rules.apply(state, TimerFired(), T0 + 30).due == T0 + 60
+    # The timer fires late: what observers see still changed at the end time.
+    ended = rules.apply(state, TimerFired(), T0 + 75)
+    assert ended.view == View("available", None, T0 + 60, state.view.ver + 1)
+    assert ended.self_view is not None
+    assert (ended.self_view.manual, ended.self_view.manual_until) == ("available", None)
+    assert ended.self_view.ver == state.self_ver + 1
+    assert rules.apply(ended.state, TimerFired(), T0 + 80).view is None
+
+
+def test_until_on_available_changes_nothing() -> None:
+    state, _ = run([(0, desktop())])
+    outcome = rules.apply(state, ManualStatusSet("available", T0 + 60), T0 + 1)
+    assert outcome.state == state
+    assert (outcome.view, outcome.self_view, outcome.due) == (None, None, None)
+
+
+def test_leaving_invisible_at_its_end_is_coming_back_from_invisible() -> None:
+    state, _ = run(
+        [(0, desktop()), (1, MessageSet("hi")), (2, ManualStatusSet("invisible", T0 + 60))]
+    )
+    by_itself = rules.apply(state, TimerFired(), T0 + 60)
+    by_hand = rules.apply(replace(state, manual_until=None), ManualStatusSet("available"), T0 + 60)
+    assert by_itself == by_hand
+    assert by_itself.view == View("available", "hi", T0 + 60, state.view.ver + 1)
+
+
 def test_ended_refs_are_forgotten_after_a_day() -> None:
     state, _ = run([(0, CallEnded("c", T0))])
     assert state.ended
@@ -407,7 +519,7 @@ refs = st.sampled_from(["r1", "r2", "r3"])
 times = st.floats(min_value=T0 - 100, max_value=T0 + 100_000, allow_nan=False)
 
 inputs: st.SearchStrategy[Input] = st.one_of(
-    st.builds(ManualStatusSet, st.sampled_from(model.MANUAL_STATUSES)),
+    st.builds(ManualStatusSet, st.sampled_from(model.MANUAL_STATUSES), st.none() | times),
     st.builds(
         MessageSet,
         st.one_of(st.none(), st.sampled_from(["a", "b"])),
@@ -537,3 +649,46 @@ def test_a_batch_is_its_inputs_in_order_as_one_net_change(
     assert net.view == next((v for v in reversed(views) if v is not None), None)
     assert net.self_view == next((s for s in reversed(own) if s is not None), None)
     assert net.due == outcome.due
+
+
+@settings(max_examples=300)
+@given(timed_inputs, st.sampled_from(model.MANUAL_STATUSES), st.floats(0, 5000), st.floats(0, 5000))
+def test_a_manual_status_lasts_until_its_end_and_is_then_available(
+    steps: list[tuple[float, Input]], status: model.Manual, lasts: float, late: float
+) -> None:
+    trace = replay(steps)
+    now = trace[-1][0] if trace else T0
+    state = trace[-1][2].state if trace else UserState()
+    until = now + lasts
+    set_ = rules.apply(state, ManualStatusSet(status, until), now)
+    if until > now:  # not when lasts is below the resolution of a time
+        assert set_.state.manual == status
+        before_end = (now + until) / 2
+        if before_end < until:
+            assert rules.apply(set_.state, TimerFired(), before_end).state.manual == status
+    after = rules.apply(set_.state, TimerFired(), until + late).state
+    assert (after.manual, after.manual_until) == ("available", None)
+
+
+@settings(max_examples=300)
+@given(timed_inputs, st.sampled_from(model.MANUAL_STATUSES), st.floats(0.001, 5000))
+def test_the_end_of_a_manual_status_is_setting_available_then(
+    steps: list[tuple[float, Input]], status: model.Manual, lasts: float
+) -> None:
+    """Whatever else is going on (calls, meetings, auto-away, invisibility), the end
+    of a manual status leaves the user as setting ``available`` at that moment would;
+    only the counts of versions may differ (one net change instead of two)."""
+    trace = replay(steps)
+    now = trace[-1][0] if trace else T0
+    state = rules.apply(
+        trace[-1][2].state if trace else UserState(), ManualStatusSet(status, now + lasts), now
+    ).state
+    until = now + lasts
+    by_itself = rules.apply(state, TimerFired(), until).state
+    meanwhile = rules.apply(replace(state, manual_until=None), TimerFired(), until).state
+    by_hand = rules.apply(meanwhile, ManualStatusSet("available"), until).state
+
+    def unversioned(s: UserState) -> UserState:
+        return replace(s, view=replace(s.view, ver=0), self_ver=0)
+
+    assert unversioned(by_itself) == unversioned(by_hand)

@@ -16,6 +16,7 @@ from presence_hub.store.serde import decode_state, encode_state, salvage_state
 
 STATE = UserState(
     manual="busy",
+    manual_until=1.9e9,
     message="lunch",
     message_expires_at=2e9,
     auto_away_after=600.0,
@@ -36,6 +37,7 @@ def test_a_state_round_trips() -> None:
     ("key", "value", "lost"),
     [
         ("m", "on_holiday", "manual"),
+        ("mu", "tomorrow", "manual_until"),
         ("s", "not sessions", "sessions"),
         ("c", {"c1": [1]}, "calls"),
         ("v", ["teleported", None, None, 3], "view"),
@@ -53,6 +55,16 @@ def test_a_bad_field_is_lost_alone(key: str, value: Any, lost: str) -> None:
     if lost == "view":
         # Versions published from the salvaged state are newer than any before.
         assert state.view.ver == 30
+
+
+def test_a_record_from_before_manual_end_times_reads_as_having_none() -> None:
+    blob = msgpack.unpackb(encode_state(STATE))
+    del blob["mu"]
+    assert decode_state(msgpack.packb(blob)) == UserState(
+        **{f: getattr(STATE, f) for f in STATE.__struct_fields__ if f != "manual_until"}
+    )
+    blob["s"] = "not sessions"
+    assert salvage_state(msgpack.packb(blob), rev=30)[1] == ["sessions"]
 
 
 @settings(max_examples=300)

@@ -35,6 +35,7 @@ def encode_state(state: UserState) -> bytes:
     blob: dict[str, Any] = {
         "f": _FORMAT,
         "m": state.manual,
+        "mu": state.manual_until,
         "msg": state.message,
         "mx": state.message_expires_at,
         "aa": state.auto_away_after,
@@ -58,6 +59,8 @@ def decode_state(data: bytes) -> UserState:
         raise CorruptRecord(f"undecodable state record: {exc!r}"[:200]) from exc
     if state.manual not in MANUAL_STATUSES or state.view.status not in STATUSES:
         raise CorruptRecord("state record with an unknown status")
+    if state.manual_until is not None and not isinstance(state.manual_until, float | int):
+        raise CorruptRecord("state record with a manual end time that is not a time")
     return state
 
 
@@ -66,6 +69,8 @@ def _decode(data: bytes) -> UserState:
     status, message, since, ver = blob["v"]
     return UserState(
         manual=blob["m"],
+        # Records written before manual end times have none.
+        manual_until=blob.get("mu"),
         message=blob["msg"],
         message_expires_at=blob["mx"],
         auto_away_after=blob["aa"],
@@ -89,6 +94,7 @@ _Times = dict[str, tuple[float, float]]
 #: whole: (its key in the blob, how to read it).
 _SALVAGE: Final[dict[str, tuple[str, Callable[[Any], Any]]]] = {
     "manual": ("m", lambda v: msgspec.convert(v, Manual)),
+    "manual_until": ("mu", lambda v: msgspec.convert(v, _Time)),
     "message": ("msg", lambda v: msgspec.convert(v, str | None)),
     "message_expires_at": ("mx", lambda v: msgspec.convert(v, _Time)),
     "auto_away_after": ("aa", lambda v: msgspec.convert(v, _Time)),
@@ -117,6 +123,10 @@ _SALVAGE: Final[dict[str, tuple[str, Callable[[Any], Any]]]] = {
 }
 
 
+#: Keys that records written by older versions lack: their absence loses nothing.
+_ADDED_LATER: Final = frozenset({"mu"})
+
+
 def salvage_state(data: bytes, rev: int) -> tuple[UserState, list[str]]:
     """What can still be trusted of a blob that ``decode_state`` refused, field by
     field, and the names of the fields lost (they take their defaults). A lost view
@@ -132,7 +142,7 @@ def salvage_state(data: bytes, rev: int) -> tuple[UserState, list[str]]:
     lost: list[str] = []
     for name, (key, read) in _SALVAGE.items():
         try:
-            kept[name] = read(blob[key])
+            kept[name] = read(blob.get(key) if key in _ADDED_LATER else blob[key])
         except (KeyError, TypeError, ValueError, msgspec.ValidationError):
             lost.append(name)
     if "view" in lost:
