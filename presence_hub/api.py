@@ -33,6 +33,10 @@ class NodeView(Protocol):
     #: What makes the node's Redis unsafe, if anything.
     redis_warnings: list[str]
 
+    @property
+    def ws_port(self) -> int:
+        """The port the node's WebSocket endpoint listens on."""
+
 
 __all__ = ["MAX_BODY", "NodeView", "make_app"]
 
@@ -218,6 +222,23 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
+#: The contact-list page (built from clients/js/page/ into presence_hub/static/).
+PAGE_FILES: Final = {"/": ("index.html", "text/html"), "/page.js": ("page.js", "text/javascript")}
+
+
+async def page(request: web.Request) -> web.Response:
+    name, content_type = PAGE_FILES[request.path]
+    body = resources.files("presence_hub").joinpath("static", name).read_bytes()
+    return web.Response(
+        body=body, content_type=content_type, charset="utf-8", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def page_config(request: web.Request) -> web.Response:
+    """Where the page finds the WebSocket endpoint: on the host it was loaded from."""
+    return web.json_response({"ws_port": request.app[NODE].ws_port, "ws_path": "/v1/ws"})
+
+
 async def openapi(request: web.Request) -> web.Response:
     document = resources.files("presence_hub").joinpath("openapi.json").read_bytes()
     return web.Response(body=document, content_type="application/json")
@@ -254,4 +275,7 @@ def make_app(node: NodeView) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    for path in PAGE_FILES:
+        app.router.add_get(path, page)
+    app.router.add_get("/page/config", page_config)
     return app

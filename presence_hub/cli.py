@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlencode
 
 from prometheus_client.multiprocess import mark_process_dead
 
@@ -222,6 +223,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     token_parser.add_argument(
         "--data-dir", type=Path, default=None, help=f"(env {ENV_PREFIX}DATA_DIR)"
     )
+    token_parser.add_argument(
+        "--page",
+        nargs="?",
+        const="http://127.0.0.1:8766/",
+        default=None,
+        metavar="URL",
+        help="print a link to the hub's contact-list page that signs in with the token "
+        "(the hub's HTTP address, default http://127.0.0.1:8766/); the token travels in "
+        "the link's fragment, which browsers never send to a server",
+    )
+    token_parser.add_argument(
+        "--contacts", default="", help="with --page: the contacts the page shows (a,b,c)"
+    )
     watch_parser = commands.add_parser(
         "watch",
         help="a live view of some users' presence",
@@ -249,14 +263,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             settings = settings_from(args, environ)
             secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
-            print(
-                issue_token(
-                    secret, tenant=args.tenant, user=args.user, role=args.role, ttl=args.ttl
-                )
+            token = issue_token(
+                secret, tenant=args.tenant, user=args.user, role=args.role, ttl=args.ttl
             )
+            print(token if args.page is None else page_link(args.page, token, args.contacts))
     except (PresenceHubError, ValueError, OSError) as exc:  # OSError: a port in use, say
         print(f"presence-hub: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+
+
+def page_link(base: str, token: str, contacts: str = "") -> str:
+    """The contact-list page of the hub at ``base``, signed in with ``token``."""
+    fragment = {"token": token, **({"contacts": contacts} if contacts else {})}
+    return f"{base.rstrip('/')}/#{urlencode(fragment)}"
 
 
 if __name__ == "__main__":
