@@ -345,6 +345,9 @@ async def test_the_openapi_document_is_served(start_node: StartNode, http: Clien
         "/readyz",
         "/metrics",
         "/openapi.json",
+        "/",
+        "/page.js",
+        "/page/config",
     }
 
 

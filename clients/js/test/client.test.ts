@@ -16,7 +16,7 @@ import {
   mergePresence,
   tokenExpiry,
 } from "../src/index.js";
-import { Hub, eventually, makeToken } from "./hub.js";
+import { Hub, Redis, eventually, makeToken } from "./hub.js";
 
 const WS = WebSocket as unknown as PresenceClientOptions["WebSocket"];
 
@@ -210,6 +210,24 @@ test("a restarted hub: the client reconnects, resubscribes with known, and ends 
     await bob.close();
     await alice.close();
     await hub.close();
+  }
+});
+
+test("requests while the hub's Redis is away are rejected as unavailable", async () => {
+  const redis = await Redis.start();
+  const hub = await Hub.start("--redis-url", redis.url);
+  const alice = await client(hub, "alice");
+  try {
+    await alice.setStatus("busy");
+    await redis.stop();
+    await assert.rejects(
+      alice.setStatus("away"),
+      (error: unknown) => error instanceof HubError && error.code === "unavailable",
+    );
+  } finally {
+    await alice.close();
+    await hub.close();
+    await redis.stop();
   }
 });
 

