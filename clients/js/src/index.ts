@@ -368,6 +368,14 @@ export class PresenceClient {
     return true;
   }
 
+  /** Hand the hub a fresh token for the same user before the current one expires (the
+   * client does this by itself when its token is a function). */
+  async auth(token: string): Promise<void> {
+    await this.request({ type: "auth", token });
+    this.token = token;
+    this.scheduleRefresh();
+  }
+
   /** A producer event over the WebSocket (producer tokens only). */
   async sendEvent(event: PresenceEvent): Promise<EventResult> {
     const reply = await this.request({ type: "event", event });
@@ -553,15 +561,11 @@ export class PresenceClient {
   private async refresh(): Promise<void> {
     this.refreshTimer = null;
     try {
-      const token = await this.freshToken();
-      await this.request({ type: "auth", token });
-      this.token = token;
+      await this.auth(await this.freshToken());
     } catch {
       // Try again soon; if the token expires first, the hub closes and we reconnect.
       this.refreshTimer = setTimeout(() => void this.refresh(), 1000);
-      return;
     }
-    this.scheduleRefresh();
   }
 
   // --- Frames ------------------------------------------------------------------------

@@ -135,6 +135,11 @@ describe("against a hub", () => {
     assert.equal(welcomes, 0);
     assert.equal(dave.state, "live");
     await dave.setMessage("still here");
+    await dave.auth(makeToken("dave", { ttl: 3600 }));
+    await assert.rejects(
+      dave.auth(makeToken("mallory")),
+      (error: unknown) => error instanceof HubError && error.code === "forbidden",
+    );
   });
 
   test("close() is offline at once, a dropped socket only after the grace", async () => {
