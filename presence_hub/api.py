@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import zlib
@@ -19,6 +20,7 @@ from presence_hub.events import MAX_EVENTS, apply_events
 from presence_hub.ids import UserId, are_valid_ids, is_valid_id
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
+from presence_hub.store.feed import Cursor, CursorExpired
 
 
 class NodeView(Protocol):
@@ -137,6 +139,61 @@ async def get_presence(request: web.Request) -> web.Response:
         presence["accepts_calls"] = rules.accepts_calls(state)
         presences.append(presence)
     return web.json_response({"presences": presences})
+
+
+#: How often a quiet change stream polls the log, and sends a comment that keeps
+#: proxies from closing it.
+FEED_POLL: Final = 0.1
+FEED_KEEPALIVE: Final = 15.0
+
+
+async def get_changes(request: web.Request) -> web.StreamResponse:
+    """PROTOCOL.md's change feed as Server-Sent Events, from a cursor or from now."""
+    claims = _authorize(request, ("producer", "admin"))
+    node = request.app[NODE]
+    feed = node.store.feed
+    if feed.retention <= 0:
+        return _error(404, "the change feed is off (--feed-retention 0)")
+    users = [u for u in request.query.get("users", "").split(",") if u]
+    if not are_valid_ids(users):
+        return _error(400, "users must be a comma-separated list of user ids")
+    given = request.headers.get("Last-Event-ID") or request.query.get("after")
+    try:
+        after = await feed.present() if given is None else Cursor.parse(given)
+        feed.check(after)
+    except ValueError:
+        return _error(400, "not a cursor of this feed")
+    except CursorExpired:
+        return _error(410, "cursor_expired")
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    wanted = [UserId(u) for u in users] or None
+    quiet_since = time.monotonic()
+    try:
+        # Until the reader leaves, or the node stops (the reader resumes elsewhere).
+        while node.accepting:
+            changes, after = await feed.read(claims.tenant, after, wanted)
+            for change in changes:
+                presence = codec.unpack(change.frame)
+                del presence["type"]
+                data = json.dumps(presence, separators=(",", ":"))
+                # write() waits for a slow reader: what is in memory is one round.
+                await response.write(
+                    f"event: presence\nid: {change.cursor}\ndata: {data}\n\n".encode()
+                )
+            if changes:
+                quiet_since = time.monotonic()
+                continue
+            if time.monotonic() - quiet_since > FEED_KEEPALIVE:
+                await response.write(b": keep-alive\n\n")
+                quiet_since = time.monotonic()
+            await asyncio.sleep(FEED_POLL)
+    except (ConnectionResetError, StoreError):
+        # The reader left, or Redis did: a reader resumes from its last event's id.
+        pass
+    return response
 
 
 async def explain(request: web.Request) -> web.Response:
@@ -270,6 +327,7 @@ def make_app(node: NodeView) -> web.Application:
     app[NODE] = node
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/v1/presence", get_presence)
+    app.router.add_get("/v1/changes", get_changes)
     app.router.add_get("/v1/users/{user}/explain", explain)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -54,6 +54,10 @@ class Settings:
         1000, "users in one subscribe, unsubscribe or query, and in GET /v1/presence"
     )
     max_subscriptions: int = setting(10_000, "subscriptions on one connection")
+    #: PROTOCOL.md: 24 hours by default.
+    feed_retention: float = setting(
+        86400.0, "seconds the change feed (GET /v1/changes) keeps a change (0: no feed)"
+    )
     rate_limit: float = setting(50.0, "frames a connection may send per second")
     rate_burst: int = setting(200, "frames a connection may send in a burst")
     #: Producers (call and meeting servers) speak for many users.

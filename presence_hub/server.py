@@ -71,7 +71,11 @@ class Node:
         self.secret = secret
         self.id = uuid.uuid4().hex[:12]
         self.metrics = Metrics()
-        self.store = PresenceStore(redis, on_corrupt_record=self.metrics.corrupt_records.inc)
+        self.store = PresenceStore(
+            redis,
+            on_corrupt_record=self.metrics.corrupt_records.inc,
+            feed_retention=settings.feed_retention,
+        )
         self.registry = NodeRegistry(
             redis, self.id, settings.lease, lease_redis=lease_redis, batcher=self.store.batcher
         )

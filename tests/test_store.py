@@ -220,7 +220,7 @@ async def test_concurrent_writers_in_several_processes_lose_nothing(
     assert final.message == frames[-1]["message"]
 
 
-async def test_every_key_of_a_user_and_its_timer_share_one_slot(
+async def test_every_key_of_a_user_its_timer_and_change_log_share_one_slot(
     store: PresenceStore, redis: Redis
 ) -> None:
     """On Redis Cluster each transition is then one script on one shard."""
@@ -231,6 +231,7 @@ async def test_every_key_of_a_user_and_its_timer_share_one_slot(
         keys.state_key(ACME, ALICE),
         keys.event_key(ACME, ALICE, "e1"),
         keys.timer_bucket(ACME, ALICE),
+        keys.changes_log(ACME, ALICE),
     }
     channels = {keys.presence_channel(ACME, ALICE), keys.self_channel(ACME, ALICE)}
     assert len({key_slot(name.encode()) for name in stored | channels}) == 1

@@ -114,5 +114,16 @@ def timer_bucket(tenant: TenantId, user: UserId) -> str:
     return f"{prefix[: prefix.index('}') + 1]}:timers"
 
 
+def changes_log(tenant: TenantId, user: UserId) -> str:
+    """The stream of observer-visible changes of the user's partition, in the user's slot."""
+    prefix = _prefix(tenant, user)
+    return f"{prefix[: prefix.index('}') + 1]}:changes"
+
+
+def changes_logs() -> list[str]:
+    """Every partition's change log, in partition order."""
+    return [f"ph:{{{tag}}}:changes" for tag in _tags()]
+
+
 def timer_buckets() -> list[str]:
     return [f"ph:{{{tag}}}:timers" for tag in _tags()]

@@ -30,10 +30,11 @@ from presence_hub.model import Outcome, TimerFired, UserState, View
 from presence_hub.store import keys
 from presence_hub.store.clients import RedisClient, describe, redis_errors
 from presence_hub.store.corrupt import CorruptRecords
+from presence_hub.store.feed import ChangeFeed
 from presence_hub.store.scripts import ScriptBatcher, ScriptCall, register_script, run_scripts
 from presence_hub.store.serde import encode_state
 
-__all__ = ["EVENT_TTL", "Applied", "EventResult", "PresenceStore"]
+__all__ = ["EVENT_TTL", "FEED_RETENTION", "Applied", "EventResult", "PresenceStore"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ EventResult: TypeAlias = Literal["applied", "stale", "duplicate"]
 
 #: Producer event ids are remembered this long (PROTOCOL.md: idempotency).
 EVENT_TTL: Final = 86400
+#: PROTOCOL.md: the change feed keeps changes for 24 hours by default.
+FEED_RETENTION: Final = 86400.0
 #: A claimed timer that its node never committed fires again after this long.
 CLAIM_RETRY: Final = 30.0
 _MAX_ATTEMPTS: Final = 64
@@ -65,6 +68,7 @@ class PresenceStore:
         event_ttl: int = EVENT_TTL,
         cache_size: int = 100_000,
         on_corrupt_record: Callable[[], object] | None = None,
+        feed_retention: float = FEED_RETENTION,
     ) -> None:
         """``on_corrupt_record`` is called for each record found not to decode (once per
         record and node)."""
@@ -75,6 +79,9 @@ class PresenceStore:
         self._publish = "SPUBLISH" if self.cluster else "PUBLISH"
         self._clock = clock
         self._event_ttl = event_ttl
+        #: How long the change log keeps a change (0: no change log).
+        self._feed_retention_ms = int(feed_retention * 1000)
+        self.feed = ChangeFeed(redis, feed_retention, clock)
         # The last state this node committed per user, to skip the read before the next
         # commit; the commit's revision check catches any copy another writer made stale.
         self._cache: OrderedDict[str, tuple[int, UserState]] = OrderedDict()
@@ -225,7 +232,12 @@ class PresenceStore:
             else b""
         )
         return (
-            [keys.state_key(tenant, user), keys.timer_bucket(tenant, user), *event_keys],
+            [
+                keys.state_key(tenant, user),
+                keys.timer_bucket(tenant, user),
+                keys.changes_log(tenant, user),
+                *event_keys,
+            ],
             [
                 rev,
                 b"" if new_state is None else encode_state(new_state),
@@ -238,6 +250,7 @@ class PresenceStore:
                 self._event_ttl,
                 codec.sealed(sent_at, view) if view else b"",
                 self._publish,
+                self._feed_retention_ms,
                 *results,
             ],
         )

@@ -4,7 +4,8 @@
 -- Publishes what changed.
 -- KEYS[1] - the user's hash: rev (integer), state (blob), view (presence frame)
 -- KEYS[2] - the timer bucket of the user's partition (sorted set: member -> due time)
--- KEYS[3..] - the idempotency records of the producer events applied, if any
+-- KEYS[3] - the change log of the user's partition (stream: m = member, f = frame)
+-- KEYS[4..] - the idempotency records of the producer events applied, if any
 -- ARGV[1] - the revision the transition was computed from (0 for a new user)
 -- ARGV[2] - the new state blob, or "" when the state itself did not change
 -- ARGV[3] - the new presence frame (observer view), or "" when it did not change
@@ -16,19 +17,20 @@
 -- ARGV[9] - how long to remember the events, in seconds
 -- ARGV[10] - what to publish on the presence channel (the frame and its origin time)
 -- ARGV[11] - PUBLISH, or SPUBLISH on a cluster (the channels are in KEYS[1]'s slot)
--- ARGV[12..] - each event's result, to remember, in the order of KEYS[3..]
+-- ARGV[12] - how long the change log keeps a change, in milliseconds (0: no log)
+-- ARGV[13..] - each event's result, to remember, in the order of KEYS[4..]
 -- Returns the revision now stored, -1 on a conflict, -2 if an event was seen before
 -- (then nothing is written).
 local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if rev ~= tonumber(ARGV[1]) then
   return -1
 end
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     return -2
   end
 end
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   redis.call('SET', KEYS[i], ARGV[i + 9], 'EX', ARGV[9])
 end
 if ARGV[2] ~= '' then
@@ -38,6 +40,14 @@ end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'view', ARGV[3])
   redis.call(ARGV[11], ARGV[7], ARGV[10])
+  local retention = tonumber(ARGV[12])
+  if retention > 0 then
+    -- In the same step as the change itself: the feed has every change and no other.
+    -- Trimmed as it grows (MINID ~: whole macro nodes, cheaply), never by a sweep.
+    local now = redis.call('TIME')
+    local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    redis.call('XADD', KEYS[3], 'MINID', '~', ms - retention, '*', 'm', ARGV[5], 'f', ARGV[3])
+  end
 end
 if ARGV[4] ~= '' then
   redis.call(ARGV[11], ARGV[8], ARGV[4])

@@ -1,0 +1,150 @@
+"""Reading the change log: every observer-visible change of a tenant, in one order,
+from any position the retention still holds.
+
+Each partition's log (``keys.changes_log``) is a stream that the commit of a change
+appends to, in the same atomic step. Entries are ordered across partitions by
+(stream id, partition), and a position (``Cursor``) is the last entry read. A reader
+only goes up to the watermark, the millisecond before the oldest clock of the
+servers: no entry at or below it can appear any more (a stream id is the server's
+time when it is appended), so a cursor handed out is never passed by a later
+entry, and resuming from it misses nothing. Per user, the order is the order of
+commits, that is of ``ver``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Final
+
+from redis.asyncio import RedisCluster
+
+from presence_hub.ids import TenantId, UserId
+from presence_hub.store import keys
+from presence_hub.store.clients import RedisClient, redis_errors
+
+__all__ = ["PAGE", "Change", "ChangeFeed", "Cursor", "CursorExpired"]
+
+#: Entries read from each partition's log per round.
+PAGE: Final = 200
+_MAX_SEQ: Final = 2**64 - 1
+
+
+class CursorExpired(Exception):
+    """The cursor is older than the feed's retention: what followed it is gone."""
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Cursor:
+    """A position in the feed: an entry's stream id and its partition."""
+
+    ms: int
+    seq: int
+    partition: int
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}-{self.partition}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        """A cursor as ``str`` gave it; ValueError for anything else."""
+        parts = text.split("-")
+        if len(parts) != 3 or not all(p.isdigit() and len(p) <= 20 for p in parts):
+            raise ValueError("not a cursor of this feed")
+        ms, seq, partition = map(int, parts)
+        if seq > _MAX_SEQ or partition >= keys.PARTITIONS:
+            raise ValueError("not a cursor of this feed")
+        return cls(ms, seq, partition)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    cursor: Cursor
+    user: UserId
+    #: The Presence frame as committed (MessagePack).
+    frame: bytes
+
+
+class ChangeFeed:
+    def __init__(
+        self, redis: RedisClient, retention: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.redis = redis
+        self.retention = retention
+        self._clock = clock
+        self._logs = keys.changes_logs()
+
+    async def present(self) -> Cursor:
+        """The position of now: what follows it is what changes from now on."""
+        return Cursor(await self._watermark(), _MAX_SEQ, keys.PARTITIONS - 1)
+
+    def check(self, cursor: Cursor) -> None:
+        """CursorExpired if the retention no longer holds what follows ``cursor``."""
+        if cursor.ms < (self._clock() - self.retention) * 1000:
+            raise CursorExpired(str(cursor))
+
+    async def read(
+        self, tenant: TenantId, after: Cursor, users: Collection[UserId] | None = None
+    ) -> tuple[list[Change], Cursor]:
+        """The tenant's changes (of ``users`` only, if given) after ``after``, in order,
+        and the position to read from next (past what was read, even if none of it was
+        the tenant's)."""
+        watermark = await self._watermark()
+        if watermark <= after.ms:
+            return [], after
+        entries = await self._ranges(after, watermark)
+        # What may be handed out: up to the watermark, or, where a partition had more
+        # than a page, up to the last entry read of the most behind such partition.
+        limit = Cursor(watermark, _MAX_SEQ, keys.PARTITIONS - 1)
+        for partition, page in enumerate(entries):
+            if len(page) == PAGE:
+                limit = min(limit, _cursor(page[-1][0], partition))
+        merged = sorted(
+            (_cursor(entry_id, partition), fields)
+            for partition, page in enumerate(entries)
+            for entry_id, fields in page
+        )
+        prefix = f"{tenant}:".encode()
+        wanted = None if users is None else {u.encode() for u in users}
+        changes = []
+        for cursor, fields in merged:
+            if cursor > limit:
+                break
+            member = fields[b"m"]
+            if not member.startswith(prefix):
+                continue
+            user = member[len(prefix) :]
+            if wanted is None or user in wanted:
+                changes.append(Change(cursor, UserId(user.decode()), fields[b"f"]))
+        return changes, limit
+
+    async def _ranges(self, after: Cursor, watermark: int) -> list[list[Any]]:
+        """Each partition's entries after ``after`` up to the watermark, a page each."""
+        # Exclusive of the cursor's id (the id after the largest of a millisecond is
+        # the next millisecond's first).
+        start_after = f"{after.ms + 1}-0" if after.seq == _MAX_SEQ else f"({after.ms}-{after.seq}"
+        start_from = f"{after.ms}-{after.seq}"
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for partition, log in enumerate(self._logs):
+                    # Entries of the same id in later partitions come after the cursor.
+                    start = start_after if partition <= after.partition else start_from
+                    pipe.xrange(log, start, str(watermark), count=PAGE)
+                pages: list[list[Any]] = await pipe.execute()
+        return pages
+
+    async def _watermark(self) -> int:
+        """The last millisecond whose entries are all written, on every server."""
+        with redis_errors():
+            if isinstance(self.redis, RedisCluster):
+                times = await self.redis.time(target_nodes=RedisCluster.PRIMARIES)
+                clocks = list(times.values()) if isinstance(times, dict) else [times]
+            else:
+                clocks = [await self.redis.time()]
+        return min(int(seconds) * 1000 + int(micros) // 1000 for seconds, micros in clocks) - 1
+
+
+def _cursor(entry_id: bytes, partition: int) -> Cursor:
+    ms, _, seq = entry_id.partition(b"-")
+    return Cursor(int(ms), int(seq), partition)

@@ -1,0 +1,193 @@
+"""The change feed (``GET /v1/changes``): every observer-visible change of a tenant, as
+Server-Sent Events, in ver order per user, resumable from any event's id, and nothing
+that observers would not see."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from presence_hub.ids import TenantId, UserId
+from presence_hub.server import Node
+from presence_hub.store import keys
+from tests.conftest import StartNode, make_token, ws_url
+from tests.wsclient import Client
+
+PRODUCER = {"Authorization": f"Bearer {make_token('crm', role='producer')}"}
+
+
+def base(node: Node) -> str:
+    return f"http://127.0.0.1:{node.http_port}"
+
+
+class Stream:
+    """A reader of an event stream: (id, Presence) pairs as they come."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.comments = 0
+
+    async def _next(self) -> tuple[str, dict[str, Any]]:
+        fields: dict[str, str] = {}
+        while True:
+            line = (await self.response.content.readline()).decode()
+            if line == "":
+                raise EOFError("the stream ended")
+            line = line.rstrip("\n")
+            if line.startswith(":"):
+                self.comments += 1
+            elif line == "":
+                if "data" in fields:
+                    assert fields["event"] == "presence"
+                    return fields["id"], json.loads(fields["data"])
+            else:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+
+    async def until(self, done: Any, wait: float = 20) -> list[tuple[str, dict[str, Any]]]:
+        """Read until ``done(presence)`` holds for an event; returns every event so far."""
+        async with asyncio.timeout(wait):
+            while True:
+                event = await self._next()
+                self.events.append(event)
+                if done(event[1]):
+                    return self.events
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        yield session
+
+
+async def follow(
+    http: aiohttp.ClientSession, node: Node, query: str = "", **headers: str
+) -> Stream:
+    response = await http.get(f"{base(node)}/v1/changes{query}", headers={**PRODUCER, **headers})
+    assert response.status == 200, await response.text()
+    assert response.content_type == "text/event-stream"
+    return Stream(response)
+
+
+async def test_every_visible_change_in_ver_order_and_nothing_invisible(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
+    node = await start_node()
+    stream = await follow(http, node)
+    alice = await Client.connect(ws_url(node), make_token("alice"))
+    bob = await Client.connect(ws_url(node), make_token("bob"))
+    ghost = await Client.connect(ws_url(node), make_token("ghost"))
+    other = await Client.connect(ws_url(node), make_token("alice", tenant="globex"))
+    await ghost.request({"type": "set_status", "status": "invisible"})
+    for n in range(5):
+        await alice.request({"type": "set_message", "text": f"a{n}"})
+        await bob.request({"type": "set_message", "text": f"b{n}"})
+        await ghost.request({"type": "set_message", "text": f"secret {n}"})
+        await other.request({"type": "set_message", "text": f"globex {n}"})
+    await bob.request({"type": "set_status", "status": "dnd"})
+    events = await stream.until(lambda p: p["user"] == "bob" and p["status"] == "dnd")
+
+    by_user: dict[str, list[dict[str, Any]]] = {}
+    for _, presence in events:
+        by_user.setdefault(presence["user"], []).append(presence)
+    assert [p["message"] for p in by_user["alice"]][-5:] == [f"a{n}" for n in range(5)]
+    for changes in by_user.values():
+        vers = [p["ver"] for p in changes]
+        assert vers == sorted(vers)
+        assert vers == list(range(vers[0], vers[0] + len(vers)))
+    # The invisible user shows only as going offline; another tenant not at all.
+    assert [p["status"] for p in by_user["ghost"]][-1] == "offline"
+    assert all("secret" not in (p["message"] or "") for p in by_user["ghost"])
+    assert all("globex" not in (p["message"] or "") for _, p in events)
+    ids = [cursor for cursor, _ in events]
+    assert len(set(ids)) == len(ids)
+
+
+async def test_a_reader_that_resumes_from_its_last_id_misses_nothing(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
+    node = await start_node()
+    stream = await follow(http, node, "?users=carol")
+    carol = await Client.connect(ws_url(node), make_token("carol"))
+    await carol.request({"type": "set_message", "text": "one"})
+    seen = await stream.until(lambda p: p["message"] == "one")
+    last_id = seen[-1][0]
+    stream.response.close()
+    for text in ("two", "three", "four"):
+        await carol.request({"type": "set_message", "text": text})
+
+    resumed = await follow(http, node, "?users=carol", **{"Last-Event-ID": last_id})
+    after = await resumed.until(lambda p: p["message"] == "four")
+    assert [p["message"] for _, p in after] == ["two", "three", "four"]
+    assert after[0][1]["ver"] == seen[-1][1]["ver"] + 1
+    # ?after= does the same.
+    again = await follow(http, node, f"?users=carol&after={last_id}")
+    assert [p["message"] for _, p in await again.until(lambda p: p["message"] == "four")] == [
+        "two",
+        "three",
+        "four",
+    ]
+
+
+async def test_without_a_cursor_the_stream_starts_at_the_present(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
+    node = await start_node()
+    dave = await Client.connect(ws_url(node), make_token("dave"))
+    await dave.request({"type": "set_message", "text": "before"})
+    stream = await follow(http, node, "?users=dave")
+    await dave.request({"type": "set_message", "text": "after"})
+    events = await stream.until(lambda p: p["message"] == "after")
+    assert [p["message"] for _, p in events] == ["after"]
+
+
+async def test_bad_cursors_roles_and_a_feed_turned_off(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
+    node = await start_node()
+    url = f"{base(node)}/v1/changes"
+    old = f"{int((time.time() - 2 * 86400) * 1000)}-0-0"
+    async with http.get(url, headers={**PRODUCER, "Last-Event-ID": old}) as r:
+        assert (r.status, await r.json()) == (410, {"error": "cursor_expired"})
+    for bad in ("yesterday", "1-2", "1-2-999", "-1-0-0"):
+        async with http.get(url, params={"after": bad}, headers=PRODUCER) as r:
+            assert r.status == 400, bad
+    async with http.get(url, params={"users": "not a user"}, headers=PRODUCER) as r:
+        assert r.status == 400
+    user = {"Authorization": f"Bearer {make_token('alice')}"}
+    async with http.get(url, headers=user) as r:
+        assert r.status == 403
+    async with http.get(url) as r:
+        assert r.status == 401
+    off = await start_node(feed_retention=0.0)
+    async with http.get(f"{base(off)}/v1/changes", headers=PRODUCER) as r:
+        assert r.status == 404
+
+
+async def test_on_a_cluster_the_feed_covers_users_on_every_shard(
+    start_cluster_node: StartNode, http: aiohttp.ClientSession
+) -> None:
+    node = await start_cluster_node()
+    stream = await follow(http, node)
+    users = [f"u{n}" for n in range(24)]
+    tags = [keys.state_key(TenantId("acme"), UserId(u)).split("{")[1].split("}")[0] for u in users]
+    # The three masters split the slots in thirds.
+    assert {min(keys.key_slot(tag) * 3 // keys.CLUSTER_SLOTS, 2) for tag in tags} == {0, 1, 2}
+    clients = [await Client.connect(ws_url(node), make_token(u)) for u in users]
+    for client in clients:
+        await client.request({"type": "set_message", "text": "hello"})
+    seen: set[str] = set()
+
+    def all_seen(p: dict[str, Any]) -> bool:
+        if p["message"] == "hello":
+            seen.add(p["user"])
+        return seen == set(users)
+
+    await stream.until(all_seen, wait=60)
