@@ -21,6 +21,7 @@ from presence_hub.ids import UserId, are_valid_ids, is_valid_id
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
 from presence_hub.store.feed import Cursor, CursorExpired
+from presence_hub.webhooks import Webhook, Webhooks
 
 
 class NodeView(Protocol):
@@ -34,6 +35,7 @@ class NodeView(Protocol):
     accepting: bool
     #: What makes the node's Redis unsafe, if anything.
     redis_warnings: list[str]
+    webhooks: Webhooks
 
     @property
     def ws_port(self) -> int:
@@ -196,6 +198,50 @@ async def get_changes(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def put_webhook(request: web.Request) -> web.Response:
+    claims = _authorize(request, ("admin",))
+    name = request.match_info["name"]
+    if not is_valid_id(name):
+        return _error(400, "not a valid webhook name")
+    try:
+        body = codec.load(await request.read(), "json")
+    except FrameError as exc:
+        return _error(400, f"malformed body: {exc.message}")
+    if not isinstance(body, dict):
+        return _error(400, 'the body must be {"url": ..., "secret": ..., "users": [...]?}')
+    url, secret, users = body.get("url"), body.get("secret"), body.get("users")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 2048:
+        return _error(400, "url must be an http:// or https:// URL")
+    if not isinstance(secret, str) or not 16 <= len(secret) <= 256:
+        return _error(400, "secret must be a string of 16 to 256 characters")
+    if users is not None and (not isinstance(users, list) or not users or not are_valid_ids(users)):
+        return _error(400, "users must be a list of user ids, or absent for the whole tenant")
+    limit = request.app[NODE].settings.max_users_per_request
+    if users is not None and len(users) > limit:
+        return _error(400, f"at most {limit} users")
+    hook = Webhook(claims.tenant, name, url, secret, users)
+    await request.app[NODE].webhooks.put(hook)
+    return web.json_response(hook.public())
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    claims = _authorize(request, ("admin",))
+    webhooks = request.app[NODE].webhooks
+    listed = [
+        {**hook.public(), "status": await webhooks.status(hook)}
+        for hook in await webhooks.of(claims.tenant)
+    ]
+    return web.json_response({"webhooks": listed})
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    claims = _authorize(request, ("admin",))
+    name = request.match_info["name"]
+    if not await request.app[NODE].webhooks.delete(claims.tenant, name):
+        return _error(404, "no such webhook")
+    return web.json_response({"deleted": name})
+
+
 async def explain(request: web.Request) -> web.Response:
     claims = _authorize(request, ("admin",))
     node = request.app[NODE]
@@ -328,6 +374,9 @@ def make_app(node: NodeView) -> web.Application:
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/v1/presence", get_presence)
     app.router.add_get("/v1/changes", get_changes)
+    app.router.add_get("/v1/webhooks", list_webhooks)
+    app.router.add_put("/v1/webhooks/{name}", put_webhook)
+    app.router.add_delete("/v1/webhooks/{name}", delete_webhook)
     app.router.add_get("/v1/users/{user}/explain", explain)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

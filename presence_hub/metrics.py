@@ -107,6 +107,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.webhook_latency = Histogram(
+            "presence_hub_webhook_latency_seconds",
+            "From a change to its webhook's acknowledgement, by webhook (tenant/name).",
+            ["webhook"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "presence_hub_webhook_failures",
+            "Webhook deliveries that failed (not 2xx in time), by webhook.",
+            ["webhook"],
+            registry=r,
+        )
+        self.webhook_backlog = Gauge(
+            "presence_hub_webhook_backlog",
+            "Changes read but not yet acknowledged by the webhook (up to a read), by webhook.",
+            ["webhook"],
+            registry=r,
+            multiprocess_mode="max",
+        )
 
     def connected(self, device: str) -> Gauge:
         """The connections gauge of one device kind."""

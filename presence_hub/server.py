@@ -38,6 +38,7 @@ from presence_hub.store import PresenceStore
 from presence_hub.store.clients import RedisClient
 from presence_hub.store.nodes import NodeRegistry
 from presence_hub.store.safety import check_redis
+from presence_hub.webhooks import WebhookDispatcher, Webhooks
 
 __all__ = ["WS_PATH", "Node"]
 
@@ -80,6 +81,7 @@ class Node:
             redis, self.id, settings.lease, lease_redis=lease_redis, batcher=self.store.batcher
         )
         self.hub = Hub(self.store, pubsub_redis, self.metrics, storm_rate=settings.storm_rate)
+        self.webhooks = Webhooks(redis, self.store.feed)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()
         )
@@ -118,6 +120,9 @@ class Node:
         await asyncio.wait_for(self.hub.wait_ready(), 30)
         await self.registry.register()
         self._tasks.append(asyncio.create_task(self.store.run_timers(), name="timers"))
+        if self.settings.feed_retention > 0:
+            dispatcher = WebhookDispatcher(self.webhooks, self.id, self.metrics)
+            self._tasks.append(asyncio.create_task(dispatcher.run(), name="webhooks"))
         self._tasks.append(asyncio.create_task(self._keep_lease(), name="lease"))
         self._tasks.append(
             asyncio.create_task(self._keep_alive(self.settings.keepalive), name="keepalive")

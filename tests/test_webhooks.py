@@ -1,0 +1,271 @@
+"""Webhooks against a real receiver (aiohttp on loopback): every signature checked,
+every change of the tenant delivered at least once and per user in ver order,
+nothing of an invisible user, through failures of the receiver and the death of the
+delivering node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from presence_hub.server import Node
+from presence_hub.signature import HEADER, verify
+from presence_hub.store import EmbeddedRedis
+from tests.conftest import StartNode, make_token, ws_url
+from tests.processes import HubProcess
+from tests.utils import eventually
+from tests.wsclient import Client
+
+SECRET = "webhook-secret-0123456789"
+ADMIN = {"Authorization": f"Bearer {make_token('ops', role='admin')}"}
+PRODUCER = {"Authorization": f"Bearer {make_token('pbx', role='producer')}"}
+
+
+class Receiver:
+    """A backend's endpoint: checks each signature, collects each change, and answers
+    500 to its first ``failures`` deliveries and after ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        self.changes: list[dict[str, Any]] = []
+        self.bad_signatures = 0
+        self.failures = 0
+        self.delay = 0.0
+        self.deliveries = 0
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if not verify(SECRET, request.headers.get(HEADER, ""), body):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        self.deliveries += 1
+        await asyncio.sleep(self.delay)
+        if self.failures > 0:
+            self.failures -= 1
+            return web.Response(status=500)
+        payload = json.loads(body)
+        assert payload["tenant"] == "acme"
+        self.changes.extend(c["presence"] for c in payload["changes"])
+        return web.Response(status=204)
+
+    def last_views(self) -> dict[str, dict[str, Any]]:
+        last: dict[str, dict[str, Any]] = {}
+        for p in self.changes:
+            if p["user"] not in last or p["ver"] >= last[p["user"]]["ver"]:
+                last[p["user"]] = p
+        return last
+
+    def in_ver_order(self) -> bool:
+        seen: dict[str, int] = {}
+        for p in self.changes:
+            # At least once: a batch sent again repeats vers, never goes back past them.
+            if p["ver"] < seen.get(p["user"], 0) and p["ver"] not in self._vers(p["user"]):
+                return False
+            seen[p["user"]] = max(seen.get(p["user"], 0), p["ver"])
+        return True
+
+    def _vers(self, user: str) -> set[int]:
+        return {p["ver"] for p in self.changes if p["user"] == user}
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    app = web.Application()
+    got = Receiver()
+    app.router.add_post("/hook", got.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    got.url = f"http://127.0.0.1:{port}/hook"
+    yield got
+    await runner.cleanup()
+
+
+def http_base(node: Node | HubProcess) -> str:
+    return node.http_url if isinstance(node, HubProcess) else f"http://127.0.0.1:{node.http_port}"
+
+
+async def register(node: Node | HubProcess, url: str, **extra: Any) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(
+            f"{http_base(node)}/v1/webhooks/crm",
+            json={"url": url, "secret": SECRET, **extra},
+            headers=ADMIN,
+        ) as r,
+    ):
+        assert r.status == 200, await r.text()
+        answer: dict[str, Any] = await r.json()
+        return answer
+
+
+async def truth(node: Node | HubProcess, users: list[str]) -> dict[str, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{http_base(node)}/v1/presence", params={"users": ",".join(users)}, headers=PRODUCER
+        ) as r,
+    ):
+        presences = (await r.json())["presences"]
+    # What observers see: the Presence, less the call-routing answer.
+    return {p["user"]: {k: v for k, v in p.items() if k != "accepts_calls"} for p in presences}
+
+
+async def mixed_load(url: str, users: list[str], rounds: int = 5) -> None:
+    """Statuses, messages and calls for ``users``, and an invisible user's messages."""
+    clients = [await Client.connect(url, make_token(u)) for u in users]
+    ghost = await Client.connect(url, make_token("ghost"))
+    await ghost.request({"type": "set_status", "status": "invisible"})
+    producer = await Client.connect(url, make_token("pbx", role="producer"))
+    statuses = ["busy", "dnd", "away", "available"]
+    for n in range(rounds):
+        for k, client in enumerate(clients):
+            await client.request({"type": "set_status", "status": statuses[(n + k) % 4]})
+            await client.request({"type": "set_message", "text": f"round {n}"})
+        await ghost.request({"type": "set_message", "text": f"secret {n}"})
+        event = {"event_id": f"c{n}", "kind": "call_started", "user": users[0], "ref": f"c{n}"}
+        await producer.request({"type": "event", "event": {**event, "at": time.time()}})
+    await producer.request(
+        {
+            "type": "event",
+            "event": {**event, "event_id": "end", "kind": "call_ended", "at": time.time()},
+        }
+    )
+
+
+async def all_delivered(got: Receiver, expected: dict[str, dict[str, Any]], wait: float) -> None:
+    try:
+        await eventually(
+            lambda: all(got.last_views().get(u) == p for u, p in expected.items()), wait
+        )
+    except TimeoutError:
+        raise AssertionError(f"delivered {got.last_views()}, expected {expected}") from None
+
+
+def assert_delivered(got: Receiver, expected: dict[str, dict[str, Any]]) -> None:
+    last = got.last_views()
+    for user, presence in expected.items():
+        assert last.get(user) == presence, user
+    assert got.in_ver_order()
+    assert all("secret" not in (p["message"] or "") for p in got.changes)
+    assert got.bad_signatures == 0
+
+
+async def test_every_change_reaches_the_webhook_signed_and_in_order(
+    start_node: StartNode, receiver: Receiver
+) -> None:
+    node = await start_node()
+    hook = await register(node, receiver.url)
+    assert hook == {"name": "crm", "url": receiver.url, "users": None}
+    users = [f"u{n}" for n in range(6)]
+    await mixed_load(ws_url(node), users)
+    expected = await truth(node, users)
+    await all_delivered(receiver, expected, wait=30)
+    assert_delivered(receiver, expected)
+    async with aiohttp.ClientSession() as http, http.get(f"{http_base(node)}/metrics") as r:
+        metrics = await r.text()
+    assert 'presence_hub_webhook_latency_seconds_count{webhook="acme/crm"}' in metrics
+
+
+async def test_a_receiver_that_fails_for_a_while_gets_everything(
+    start_node: StartNode, receiver: Receiver
+) -> None:
+    receiver.failures = 4
+    node = await start_node()
+    await register(node, receiver.url, users=["u0", "u1"])
+    await mixed_load(ws_url(node), ["u0", "u1", "u2"], rounds=3)
+    expected = await truth(node, ["u0", "u1"])
+    await all_delivered(receiver, expected, wait=60)
+    assert_delivered(receiver, expected)
+    assert {p["user"] for p in receiver.changes} <= {"u0", "u1"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{http_base(node)}/v1/webhooks", headers=ADMIN) as r,
+    ):
+        (listed,) = (await r.json())["webhooks"]
+    assert "secret" not in listed
+    assert listed["status"]["failures_in_a_row"] == 0
+    assert listed["status"]["last_error"] == "HTTP 500"
+    assert listed["status"]["delivered"] >= len(receiver.changes) - 0
+
+
+async def test_the_admin_api_checks_what_it_stores(start_node: StartNode) -> None:
+    node = await start_node()
+    url = f"{http_base(node)}/v1/webhooks/crm"
+    async with aiohttp.ClientSession() as http:
+        for body in (
+            {"url": "ftp://x", "secret": SECRET},
+            {"url": "http://127.0.0.1:9/hook", "secret": "short"},
+            {"url": "http://127.0.0.1:9/hook", "secret": SECRET, "users": ["not a user"]},
+            {"url": "http://127.0.0.1:9/hook", "secret": SECRET, "users": []},
+            ["not", "a", "map"],
+        ):
+            async with http.put(url, json=body, headers=ADMIN) as r:
+                assert r.status == 400, body
+        async with http.put(
+            url, json={"url": "http://127.0.0.1:9/h", "secret": SECRET}, headers=PRODUCER
+        ) as r:
+            assert r.status == 403
+        async with http.put(url, json={"url": "http://127.0.0.1:9/h", "secret": SECRET}, headers=ADMIN) as r:
+            assert r.status == 200
+        other = {"Authorization": f"Bearer {make_token('ops', tenant='globex', role='admin')}"}
+        async with http.get(f"{http_base(node)}/v1/webhooks", headers=other) as r:
+            assert (await r.json())["webhooks"] == []
+        async with http.delete(url, headers=other) as r:
+            assert r.status == 404
+        async with http.delete(url, headers=ADMIN) as r:
+            assert r.status == 200
+        async with http.delete(url, headers=ADMIN) as r:
+            assert r.status == 404
+
+
+@pytest.mark.slow
+async def test_when_the_delivering_node_dies_another_takes_over(
+    redis_server: EmbeddedRedis, receiver: Receiver, tmp_path: Path, redis: Any
+) -> None:
+    first = HubProcess(redis_server.url, tmp_path)
+    second = HubProcess(redis_server.url, tmp_path)
+    try:
+        await asyncio.gather(first.ready(), second.ready())
+        await register(first, receiver.url)
+        users = [f"k{n}" for n in range(4)]
+        await mixed_load(first.url, users[:2], rounds=2)
+        await all_delivered(receiver, await truth(first, users[:2]), wait=30)
+        # Now the receiver refuses, so the batches out when the node dies are unacknowledged.
+        receiver.failures = 10**6
+        refused = receiver.deliveries
+        await mixed_load(first.url, users[2:], rounds=3)
+        await eventually(lambda: receiver.deliveries > refused + 1, wait=30)
+        owner = (await redis.get("ph:webhook:acme/crm:owner")).decode()
+        # Each node names itself in its log ("node ID listening on ...").
+        dying = first if f"node {owner} " in first.log.read_text() else second
+        survivor = second if dying is first else first
+        dying.signal(signal.SIGKILL)
+        dying.process.wait()
+        receiver.failures = 0
+        # The dead node's sessions end within the lease: follow the truth as it moves.
+        async with asyncio.timeout(90):
+            while True:
+                expected = await truth(survivor, users)
+                if all(receiver.last_views().get(u) == p for u, p in expected.items()):
+                    break
+                await asyncio.sleep(0.5)
+        assert_delivered(receiver, expected)
+        taken_over = await redis.get("ph:webhook:acme/crm:owner")
+        assert taken_over is not None
+        assert taken_over.decode() != owner
+    finally:
+        await Client.close_all()
+        first.stop()
+        second.stop()
