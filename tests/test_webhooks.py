@@ -217,7 +217,9 @@ async def test_the_admin_api_checks_what_it_stores(start_node: StartNode) -> Non
             url, json={"url": "http://127.0.0.1:9/h", "secret": SECRET}, headers=PRODUCER
         ) as r:
             assert r.status == 403
-        async with http.put(url, json={"url": "http://127.0.0.1:9/h", "secret": SECRET}, headers=ADMIN) as r:
+        async with http.put(
+            url, json={"url": "http://127.0.0.1:9/h", "secret": SECRET}, headers=ADMIN
+        ) as r:
             assert r.status == 200
         other = {"Authorization": f"Bearer {make_token('ops', tenant='globex', role='admin')}"}
         async with http.get(f"{http_base(node)}/v1/webhooks", headers=other) as r:
