@@ -13,6 +13,8 @@
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
                                state, packing a commit command (redis-py's packer and hiredis'),
                                packing a state and decoding a stored view (msgpack and msgspec)
+    bench/bench.py feed        the change feed's cost: CPU and Redis memory per change with it
+                               on and off, and the delay from a change to its webhook
     bench/bench.py instructions
                                the instructions the hub executes for a storm of 1,000
                                clients x 50, counted by valgrind: a figure that does not
@@ -68,7 +70,7 @@ HUB_FLAGS: list[str] = []
 LOADTEST_FLAGS: list[str] = []
 SCENARIOS = [
     "fanout", "latency", "ingest", "connect", "idle", "cores", "nodes", "floor", "micro",
-    "instructions",
+    "instructions", "feed",
 ]  # fmt: skip
 
 
@@ -198,6 +200,92 @@ def nodes(rate: float = 250) -> dict[str, Any]:
             print(json.dumps(result["two_nodes_redis_cluster"]), flush=True)
         finally:
             cluster.stop()
+    return result
+
+
+class WebhookReceiver:
+    """A webhook endpoint in a thread of this process: the delay from each change (its
+    cursor's time, the commit's) to its arrival."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.delays: list[float] = []
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _serve(self) -> None:
+        from aiohttp import web
+
+        async def deliver(request: web.Request) -> web.Response:
+            body = await request.json()
+            now = time.time()
+            for change in body["changes"]:
+                self.delays.append(now - int(change["cursor"].split("-")[0]) / 1000)
+            return web.Response(status=204)
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_post("/hook", deliver)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._ready.set()
+            await asyncio.Event().wait()
+
+        self._loop.run_until_complete(main())
+
+    def register(self, http: str) -> None:
+        admin = issue_token(SECRET, tenant=TENANT, user="bench-admin", role="admin")
+        body = json.dumps({"url": f"http://127.0.0.1:{self.port}/hook", "secret": "b" * 32})
+        request = urllib.request.Request(
+            f"{http}/v1/webhooks/bench",
+            data=body.encode(),
+            method="PUT",
+            headers={"Authorization": f"Bearer {admin}", "Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=30).read()
+
+
+def feed(rate: float = 1000) -> dict[str, Any]:
+    """What the change feed costs: the fan-out load at ``rate`` changes/s (5,000 x 50)
+    with the feed off (``--feed-retention 0``) and on with a webhook registered: hub
+    and Redis CPU per change, Redis memory per retained change, and the delay from a
+    change's commit to its webhook delivery."""
+    result: dict[str, Any] = {}
+    for name, flags in (("feed_off", ["--feed-retention", "0"]), ("feed_on", [])):
+        receiver = WebhookReceiver()
+        with hub(*flags) as (ws, http, procs):
+            redis = [c for p in procs for c in p.children(recursive=True) if "redis" in c.name()]
+            if name == "feed_on":
+                receiver.register(http)
+            hub_before, redis_before = cpu_seconds(procs), cpu_seconds(redis)
+            memory_before = sum(r.memory_info().rss for r in redis)
+            report = loadtest(ws, http, procs, *fanout_args(rate))
+            hub_used, redis_used = (
+                cpu_seconds(procs) - hub_before,
+                cpu_seconds(redis) - redis_before,
+            )
+            time.sleep(3)  # the last deliveries
+            memory_after = sum(r.memory_info().rss for r in redis)
+        changes = report["changes_sent"]
+        row = summary(report)
+        row["hub_cpu_us_per_change"] = round(hub_used / changes * 1e6, 1)
+        row["redis_cpu_us_per_change"] = round(redis_used / changes * 1e6, 1)
+        row["redis_rss_bytes_per_change"] = round((memory_after - memory_before) / changes)
+        if receiver.delays:
+            delays = sorted(receiver.delays)
+            row["webhook_changes"] = len(delays)
+            row["webhook_delay_ms"] = {
+                q: round(delays[min(len(delays) - 1, int(len(delays) * f))] * 1000, 1)
+                for q, f in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+            }
+        result[name] = row
+        print(json.dumps({name: row}), flush=True)
     return result
 
 
@@ -415,6 +503,7 @@ def run(scenario: str) -> Any:
         "floor": send_floor,
         "micro": micro,
         "instructions": instructions,
+        "feed": feed,
     }
     return scenarios[scenario]()
 

@@ -170,7 +170,9 @@ class WebhookDispatcher:
                     # Lost it (this node stalled past its claim): stop, another delivers.
                     self._delivering.pop(key).cancel()
                     continue
-                if not await self.redis.set(owner, self.node, nx=True, px=int(CLAIM * 1000)):
+                claimed = await self.redis.set(owner, self.node, nx=True, px=int(CLAIM * 1000))
+                # Its own claim, from a delivery that ended (Redis went away under it).
+                if not claimed and await self.redis.get(owner) != self.node.encode():
                     continue
             log.info("node %s delivers webhook %s", self.node, key)
             self._delivering[key] = asyncio.create_task(

@@ -17,9 +17,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from presence_hub.ids import TenantId, UserId
 from presence_hub.server import Node
 from presence_hub.signature import HEADER, verify
-from presence_hub.store import EmbeddedRedis
+from presence_hub.store import EmbeddedRedis, keys
 from tests.conftest import StartNode, make_token, ws_url
 from tests.processes import HubProcess
 from tests.utils import eventually
@@ -271,3 +272,71 @@ async def test_when_the_delivering_node_dies_another_takes_over(
         await Client.close_all()
         first.stop()
         second.stop()
+
+
+async def test_a_slow_webhook_delays_neither_another_nor_the_clients(
+    start_node: StartNode, receiver: Receiver
+) -> None:
+    # The slow endpoint takes its connections and never answers.
+    held: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    stuck = await asyncio.start_server(hang, "127.0.0.1", 0)
+    stuck_url = f"http://127.0.0.1:{stuck.sockets[0].getsockname()[1]}/hook"
+    try:
+        node = await start_node()
+        async with aiohttp.ClientSession() as http:
+            for name, url in (("slow", stuck_url), ("crm", receiver.url)):
+                async with http.put(
+                    f"{http_base(node)}/v1/webhooks/{name}",
+                    json={"url": url, "secret": SECRET},
+                    headers=ADMIN,
+                ) as r:
+                    assert r.status == 200
+        watcher = await Client.connect(ws_url(node), make_token("watcher"))
+        await watcher.request({"type": "subscribe", "users": ["v0"]})
+        await mixed_load(ws_url(node), ["v0"], rounds=3)
+        await watcher.presence("v0", message="round 2")
+        await all_delivered(receiver, await truth(node, ["v0"]), wait=30)
+    finally:
+        stuck.close()
+        for writer in held:
+            writer.close()
+
+
+async def test_on_a_cluster_a_webhook_covers_users_on_every_shard(
+    start_cluster_node: StartNode, receiver: Receiver
+) -> None:
+    node = await start_cluster_node()
+    await register(node, receiver.url)
+    users = [f"u{n}" for n in range(24)]
+    tags = [keys.state_key(TenantId("acme"), UserId(u)).split("{")[1].split("}")[0] for u in users]
+    assert {min(keys.key_slot(tag) * 3 // keys.CLUSTER_SLOTS, 2) for tag in tags} == {0, 1, 2}
+    clients = [await Client.connect(ws_url(node), make_token(u)) for u in users]
+    for client in clients:
+        await client.request({"type": "set_message", "text": "hello"})
+    await all_delivered(receiver, await truth(node, users), wait=60)
+
+
+async def test_deliveries_go_on_after_redis_restarts(
+    own_redis_server: EmbeddedRedis, start_node: StartNode, receiver: Receiver
+) -> None:
+    node = await start_node(own_redis_server)
+    await register(node, receiver.url)
+    alice = await Client.connect(ws_url(node), make_token("alice"))
+    await alice.request({"type": "set_message", "text": "before"})
+    await all_delivered(receiver, await truth(node, ["alice"]), wait=30)
+
+    own_redis_server.stop()
+    own_redis_server.start()
+    # Retry as a client would, until the hub has its Redis back.
+    async with asyncio.timeout(60):
+        while True:
+            reply = await alice.request({"type": "set_message", "text": "after"})
+            if reply["type"] == "ok":
+                break
+            await asyncio.sleep(0.5)
+    await all_delivered(receiver, await truth(node, ["alice"]), wait=60)
+    assert receiver.last_views()["alice"]["message"] == "after"
