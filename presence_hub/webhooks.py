@@ -16,6 +16,7 @@ so a slow or failing endpoint delays nobody else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -91,6 +92,8 @@ class Webhooks:
     def __init__(self, redis: RedisClient, feed: ChangeFeed) -> None:
         self.redis = redis
         self.feed = feed
+        #: Set when this node registers a webhook: its dispatcher claims it at once.
+        self.added = asyncio.Event()
 
     async def put(self, hook: Webhook) -> None:
         """Register (or replace) a webhook; a new one delivers what changes from now."""
@@ -98,6 +101,7 @@ class Webhooks:
             cursor = _part(hook.key, "cursor")
             await self.redis.set(cursor, str(await self.feed.present()), nx=True)
             await self.redis.hset(WEBHOOKS_KEY, hook.key, json.dumps(asdict(hook)))  # type: ignore[misc]
+        self.added.set()
 
     async def delete(self, tenant: TenantId, name: str) -> bool:
         key = f"{tenant}/{name}"
@@ -147,7 +151,10 @@ class WebhookDispatcher:
                         await self._claim_round(http)
                     except StoreError as exc:
                         log.warning("webhooks paused: Redis unavailable (%s)", exc)
-                    await asyncio.sleep(CLAIM / 3)
+                    added = self.webhooks.added
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(added.wait(), CLAIM / 3)
+                    added.clear()
             finally:
                 for task in self._delivering.values():
                     task.cancel()
