@@ -191,3 +191,21 @@ async def test_on_a_cluster_the_feed_covers_users_on_every_shard(
         return seen == set(users)
 
     await stream.until(all_seen, wait=60)
+
+
+async def test_the_log_keeps_changes_for_the_retention_only(
+    start_node: StartNode, redis: Any
+) -> None:
+    node = await start_node(feed_retention=2.0)
+    frank = await Client.connect(ws_url(node), make_token("frank"))
+    log = keys.changes_log(TenantId("acme"), UserId("frank"))
+    for n in range(250):
+        await frank.request({"type": "set_message", "text": f"old {n}"})
+    await asyncio.sleep(2.5)  # past the retention of all of them
+    for n in range(100):
+        await frank.request({"type": "set_message", "text": f"new {n}"})
+    # Trimmed as it grew, a whole node of entries (100) at a time: of the 351 written,
+    # the new ones and at most one node of old ones are left.
+    assert await redis.xlen(log) <= 201
+    ((_, newest),) = await redis.xrevrange(log, count=1)
+    assert b"new 99" in newest[b"f"]
