@@ -10,7 +10,8 @@ from pathlib import Path
 
 import redis
 
-from presence_hub.store import EmbeddedRedis
+from presence_hub.ids import TenantId, UserId
+from presence_hub.store import EmbeddedRedis, keys
 from presence_hub.store.embedded import free_port
 
 #: Short, so that a stopped master is noticed and a returning one accepted within seconds.
@@ -173,3 +174,12 @@ class LocalCluster:
                     sorted((s[0], s[1], s[2][1]) for s in c.execute_command("CLUSTER", "SLOTS"))
                 )
         return all(v == views[0] for v in views)
+
+
+def users_on_every_shard(count: int = 24, tenant: str = "acme") -> list[str]:
+    """``count`` user ids of ``tenant`` whose keys fall on each of the three masters
+    (which split the slots in thirds), asserted so."""
+    users = [f"u{n}" for n in range(count)]
+    tags = [keys.state_key(TenantId(tenant), UserId(u)).split("{")[1].split("}")[0] for u in users]
+    assert {min(keys.key_slot(t) * 3 // keys.CLUSTER_SLOTS, 2) for t in tags} == {0, 1, 2}
+    return users

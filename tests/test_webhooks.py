@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from presence_hub.ids import TenantId, UserId
 from presence_hub.server import Node
 from presence_hub.signature import HEADER, verify
-from presence_hub.store import EmbeddedRedis, keys
+from presence_hub.store import EmbeddedRedis
+from tests.cluster import users_on_every_shard
 from tests.conftest import StartNode, make_token, ws_url
 from tests.processes import HubProcess
 from tests.utils import eventually
@@ -311,9 +311,7 @@ async def test_on_a_cluster_a_webhook_covers_users_on_every_shard(
 ) -> None:
     node = await start_cluster_node()
     await register(node, receiver.url)
-    users = [f"u{n}" for n in range(24)]
-    tags = [keys.state_key(TenantId("acme"), UserId(u)).split("{")[1].split("}")[0] for u in users]
-    assert {min(keys.key_slot(tag) * 3 // keys.CLUSTER_SLOTS, 2) for tag in tags} == {0, 1, 2}
+    users = users_on_every_shard()
     clients = [await Client.connect(ws_url(node), make_token(u)) for u in users]
     for client in clients:
         await client.request({"type": "set_message", "text": "hello"})
