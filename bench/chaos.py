@@ -12,6 +12,9 @@ is killed with SIGKILL and started again. Then it checks:
 - no Presence ever carried ``invisible``;
 - no user is online without a live session once every client has dropped and the
   grace and the lease have passed;
+- a backend following the change feed, by a webhook and by a stream, ends on the
+  truth too, with every signature right, and each user's changes in ver order (a
+  webhook's batch may come again, never out of order);
 
 and reports, for each fault, how long until a change reached every client again.
 
@@ -37,14 +40,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from presence_hub.auth import issue_token  # noqa: E402
+from presence_hub.changes import ChangeFollower  # noqa: E402
 from presence_hub.client import HubError, Presence, PresenceClient  # noqa: E402
+from presence_hub.signature import HEADER, verify  # noqa: E402
 from presence_hub.store import EmbeddedRedis  # noqa: E402
 from presence_hub.store.embedded import free_port  # noqa: E402
 
@@ -154,6 +160,81 @@ class RecordingClient(PresenceClient):
             self._ws.transport.abort()
         if self._runner is not None:
             self._runner.cancel()
+
+
+class Backend:
+    """A backend that follows the change feed by a webhook and by a stream: each user's
+    changes in the order they came, and what went wrong."""
+
+    HOOK_SECRET: ClassVar = "chaos-webhook-secret-0123456789"
+    ADMIN: ClassVar = {"Authorization": f"Bearer {token('ops', 'admin')}"}
+
+    def __init__(self) -> None:
+        self.hooked: dict[str, list[dict[str, Any]]] = {}
+        self.streamed: dict[str, list[dict[str, Any]]] = {}
+        self.bad_signatures = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, http: aiohttp.ClientSession, node: Node) -> asyncio.Task[None]:
+        app = web.Application()
+        app.router.add_post("/hook", self._receive)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        body = {"url": f"http://127.0.0.1:{port}/hook", "secret": self.HOOK_SECRET}
+        async with http.put(self._hook(node), json=body, headers=self.ADMIN) as r:
+            assert r.status == 200, await r.text()
+        return asyncio.create_task(self._follow(node))
+
+    async def stop(self, http: aiohttp.ClientSession, node: Node) -> None:
+        async with http.delete(self._hook(node), headers=self.ADMIN) as r:
+            assert r.status == 200, await r.text()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @staticmethod
+    def _hook(node: Node) -> str:
+        return f"{node.http}/v1/webhooks/chaos"
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if not verify(self.HOOK_SECRET, request.headers.get(HEADER, ""), body):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        for change in json.loads(body)["changes"]:
+            self.hooked.setdefault(change["presence"]["user"], []).append(change["presence"])
+        return web.Response(status=204)
+
+    async def _follow(self, node: Node) -> None:
+        async with ChangeFollower(node.http, token("crm", "producer"), backoff=(0.2, 2.0)) as feed:
+            async for change in feed:
+                self.streamed.setdefault(change.presence["user"], []).append(change.presence)
+
+    @staticmethod
+    def stale(got: dict[str, list[dict[str, Any]]], truth: Mapping[str, Any]) -> list[str]:
+        wrong = []
+        for user, want in truth.items():
+            last = max(got.get(user, []), key=lambda p: p["ver"], default=None)
+            if last is None or (last["status"], last["message"], last["ver"]) != (
+                want["status"],
+                want["message"],
+                want["ver"],
+            ):
+                wrong.append(f"{user}: {last}, not {want}")
+        return wrong
+
+    @staticmethod
+    def out_of_order(got: dict[str, list[dict[str, Any]]], repeats: bool) -> list[str]:
+        wrong = []
+        for user, changes in got.items():
+            seen: set[int] = set()
+            for p in changes:
+                if p["ver"] <= max(seen, default=0) and not (repeats and p["ver"] in seen):
+                    wrong.append(f"{user}: ver {p['ver']} after {max(seen)}")
+                seen.add(p["ver"])
+        return wrong
 
 
 @dataclass
@@ -344,6 +425,11 @@ async def chaos(
 
     clients = [client_of(user, nodes[n % 2]) for n, user in enumerate(users)]
     probe = client_of(PROBE, nodes[0])
+    backend = Backend()
+    setup = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+    async with setup:
+        # The stream follows the node that is never killed; either node may deliver.
+        follower = await backend.start(setup, nodes[0])
     await asyncio.gather(*(c.connect() for c in [*clients, probe]))
     for n, (client, user) in enumerate(zip(clients, users, strict=True)):
         contacts = rng.sample([u for u in users if u != user], form.contacts)
@@ -397,15 +483,19 @@ async def chaos(
             if user not in truth.calls_uncertain and calls != truth.calls.get(user, set()):
                 lost.append(f"{user}: calls {calls}, acknowledged {truth.calls.get(user)}")
 
-        # Every subscriber's view settles on the truth.
+        # Every subscriber's view, and the backend's, settles on the truth.
         views: list[str] = []
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             hub_truth = await presences(http, nodes[0], [*users, PROBE])
             views = stale_views(clients, hub_truth)
-            if not views:
+            hooked = Backend.stale(backend.hooked, hub_truth)
+            streamed = Backend.stale(backend.streamed, hub_truth)
+            if not views and not hooked and not streamed:
                 break
             await asyncio.sleep(0.5)
+        follower.cancel()
+        await backend.stop(http, nodes[0])
 
         for client in [*clients, probe]:
             client.drop()
@@ -427,6 +517,11 @@ async def chaos(
             "ver_twice_with_other_content": conflicts[:20],
             "invisible_delivered": invisible[:20],
             "online_without_a_session": left_online[:20],
+            "webhook_not_the_truth": hooked[:20],
+            "stream_not_the_truth": streamed[:20],
+            "webhook_out_of_ver_order": Backend.out_of_order(backend.hooked, repeats=True)[:20],
+            "stream_out_of_ver_order": Backend.out_of_order(backend.streamed, repeats=False)[:20],
+            "webhook_bad_signatures": [backend.bad_signatures] if backend.bad_signatures else [],
             "writes_refused": truth.refused[:20],
             "faults_not_recovered": [k for k, v in recovery.items() if v is None],
         },

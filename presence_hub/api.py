@@ -20,7 +20,7 @@ from presence_hub.events import MAX_EVENTS, apply_events
 from presence_hub.ids import UserId, are_valid_ids, is_valid_id
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
-from presence_hub.store.feed import Cursor, CursorExpired
+from presence_hub.store.feed import POLL, Cursor, CursorExpired
 from presence_hub.webhooks import Webhook, Webhooks
 
 
@@ -143,9 +143,6 @@ async def get_presence(request: web.Request) -> web.Response:
     return web.json_response({"presences": presences})
 
 
-#: How often a quiet change stream polls the log, and sends a comment that keeps
-#: proxies from closing it.
-FEED_POLL: Final = 0.1
 FEED_KEEPALIVE: Final = 15.0
 
 
@@ -159,6 +156,8 @@ async def get_changes(request: web.Request) -> web.StreamResponse:
     users = [u for u in request.query.get("users", "").split(",") if u]
     if not are_valid_ids(users):
         return _error(400, "users must be a comma-separated list of user ids")
+    if len(users) > node.settings.max_users_per_request:
+        return _error(400, f"at most {node.settings.max_users_per_request} users")
     given = request.headers.get("Last-Event-ID") or request.query.get("after")
     try:
         after = await feed.present() if given is None else Cursor.parse(given)
@@ -176,7 +175,7 @@ async def get_changes(request: web.Request) -> web.StreamResponse:
     try:
         # Until the reader leaves, or the node stops (the reader resumes elsewhere).
         while node.accepting:
-            changes, after = await feed.read(claims.tenant, after, wanted)
+            changes, after, caught_up = await feed.read(claims.tenant, after, wanted)
             for change in changes:
                 presence = codec.unpack(change.frame)
                 del presence["type"]
@@ -187,11 +186,11 @@ async def get_changes(request: web.Request) -> web.StreamResponse:
                 )
             if changes:
                 quiet_since = time.monotonic()
-                continue
-            if time.monotonic() - quiet_since > FEED_KEEPALIVE:
+            elif time.monotonic() - quiet_since > FEED_KEEPALIVE:
                 await response.write(b": keep-alive\n\n")
                 quiet_since = time.monotonic()
-            await asyncio.sleep(FEED_POLL)
+            if caught_up:
+                await asyncio.sleep(POLL)
     except (ConnectionResetError, StoreError):
         # The reader left, or Redis did: a reader resumes from its last event's id.
         pass

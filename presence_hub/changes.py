@@ -16,13 +16,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 import msgspec
 
-from presence_hub.client import HubError, backoff_delay
+from presence_hub.client import HttpClient, HubError, backoff_delay
 
 __all__ = ["Change", "ChangeFollower"]
 
@@ -37,7 +36,10 @@ class Change:
     presence: dict[str, Any]
 
 
-class ChangeFollower:
+class ChangeFollower(HttpClient):
+    #: A stream stays open while quiet (keep-alive comments come every 15 s).
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+
     def __init__(
         self,
         base_url: str,
@@ -48,38 +50,20 @@ class ChangeFollower:
         backoff: tuple[float, float] = (0.5, 30.0),
     ) -> None:
         """``after``: resume right after this cursor; none: from the present."""
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, token)
         self.cursor = after
         self._users = list(users) if users else None
-        self._headers = {"Authorization": f"Bearer {token}"}
         self._backoff = backoff
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> ChangeFollower:
-        self._session = aiohttp.ClientSession(
-            headers=self._headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)
-        )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
 
     async def __aiter__(self) -> AsyncIterator[Change]:
         """Every change from the cursor on, at least once, for as long as it is read.
         Raises HubError for a refusal no retry would change (a bad token, a cursor
         past the retention: ``cursor_expired``)."""
-        if self._session is None:
-            raise RuntimeError("use ChangeFollower in an async with block")
+        session = self.session
         attempt = 0
         while True:
             try:
-                async for change in self._stream(self._session):
+                async for change in self._stream(session):
                     attempt = 0
                     self.cursor = change.cursor
                     yield change

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import aiohttp
 import msgpack
@@ -376,17 +376,19 @@ class PresenceClient:
         return incoming
 
 
-class ProducerClient:
-    """Posts producer events, and asks for presence, over the hub's HTTP API."""
+class HttpClient:
+    """A client of the hub's HTTP API with one token: an HTTP session for the length
+    of an ``async with`` block."""
 
-    def __init__(self, base_url: str, token: str, *, use_msgpack: bool = False) -> None:
+    timeout: aiohttp.ClientTimeout = aiohttp.client.DEFAULT_TIMEOUT
+
+    def __init__(self, base_url: str, token: str) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
-        self._msgpack = use_msgpack
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> ProducerClient:
-        self._session = aiohttp.ClientSession(headers=self._headers)
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(headers=self._headers, timeout=self.timeout)
         return self
 
     async def __aexit__(
@@ -401,8 +403,16 @@ class ProducerClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise RuntimeError("use ProducerClient in an async with block")
+            raise RuntimeError(f"use {type(self).__name__} in an async with block")
         return self._session
+
+
+class ProducerClient(HttpClient):
+    """Posts producer events, and asks for presence, over the hub's HTTP API."""
+
+    def __init__(self, base_url: str, token: str, *, use_msgpack: bool = False) -> None:
+        super().__init__(base_url, token)
+        self._msgpack = use_msgpack
 
     async def post_events(self, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """One result per event, in order; raises HubError for a refused request."""

@@ -51,7 +51,7 @@ class Settings:
     )
     #: PROTOCOL.md: 1000.
     max_users_per_request: int = setting(
-        1000, "users in one subscribe, unsubscribe or query, and in GET /v1/presence"
+        1000, "users in one subscribe, unsubscribe or query, and in GET /v1/presence or /v1/changes"
     )
     max_subscriptions: int = setting(10_000, "subscriptions on one connection")
     #: PROTOCOL.md: 24 hours by default.

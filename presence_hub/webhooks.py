@@ -31,7 +31,7 @@ from presence_hub.errors import StoreError
 from presence_hub.ids import TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.store.clients import RedisClient, redis_errors
-from presence_hub.store.feed import ChangeFeed, Cursor, CursorExpired
+from presence_hub.store.feed import POLL, ChangeFeed, Cursor, CursorExpired
 
 __all__ = ["WEBHOOKS_KEY", "Webhook", "WebhookDispatcher", "Webhooks"]
 
@@ -132,13 +132,12 @@ class WebhookDispatcher:
     """A node's side of the deliveries: claims webhooks nobody delivers, and delivers
     each it holds from a task of its own."""
 
-    def __init__(self, webhooks: Webhooks, node: str, metrics: Metrics, poll: float = 0.1) -> None:
+    def __init__(self, webhooks: Webhooks, node: str, metrics: Metrics) -> None:
         self.webhooks = webhooks
         self.redis = webhooks.redis
         self.feed = webhooks.feed
         self.node = node
         self.metrics = metrics
-        self.poll = poll
         self._delivering: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
@@ -196,7 +195,9 @@ class WebhookDispatcher:
                     raw = await self.redis.get(_part(hook.key, "cursor"))
                 after = Cursor.parse(raw.decode()) if raw else await self.feed.present()
                 self.feed.check(after)
-                changes, position = await self.feed.read(TenantId(hook.tenant), after, users)
+                changes, position, caught_up = await self.feed.read(
+                    TenantId(hook.tenant), after, users
+                )
             except CursorExpired:
                 log.error("webhook %s fell behind the feed's retention: from now on", hook.key)
                 await self._move(hook, await self.feed.present())
@@ -208,7 +209,8 @@ class WebhookDispatcher:
             if not changes:
                 if position != after:
                     await self._move(hook, position)
-                await asyncio.sleep(self.poll)
+                if caught_up:
+                    await asyncio.sleep(POLL)
                 continue
             batch = changes[:BATCH]
             error = await self._post(hook, http, batch)
@@ -234,6 +236,8 @@ class WebhookDispatcher:
                 await asyncio.sleep(random.uniform(0, min(LAST_RETRY, FIRST_RETRY * 2**attempt)))
                 attempt = min(attempt + 1, 16)
             await self._save_status(hook, status)
+            if error is None and caught_up and len(batch) == len(changes):
+                await asyncio.sleep(POLL)
 
     async def _post(
         self, hook: Webhook, http: aiohttp.ClientSession, batch: list[Any]

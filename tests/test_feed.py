@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohappyeyeballs import AddrInfoType
 
 from presence_hub.ids import TenantId, UserId
 from presence_hub.server import Node
-from presence_hub.store import keys
+from presence_hub.store import EmbeddedRedis, keys
 from tests.cluster import users_on_every_shard
 from tests.conftest import StartNode, make_token, ws_url
+from tests.processes import HubProcess
 from tests.wsclient import Client
 
 PRODUCER = {"Authorization": f"Bearer {make_token('crm', role='producer')}"}
@@ -135,6 +139,8 @@ async def test_a_reader_that_resumes_from_its_last_id_misses_nothing(
         "three",
         "four",
     ]
+    resumed.response.close()
+    again.response.close()
 
 
 async def test_without_a_cursor_the_stream_starts_at_the_present(
@@ -162,6 +168,9 @@ async def test_bad_cursors_roles_and_a_feed_turned_off(
             assert r.status == 400, bad
     async with http.get(url, params={"users": "not a user"}, headers=PRODUCER) as r:
         assert r.status == 400
+    too_many = ",".join(f"u{n}" for n in range(node.settings.max_users_per_request + 1))
+    async with http.get(url, params={"users": too_many}, headers=PRODUCER) as r:
+        assert (r.status, await r.json()) == (400, {"error": "at most 1000 users"})
     user = {"Authorization": f"Bearer {make_token('alice')}"}
     async with http.get(url, headers=user) as r:
         assert r.status == 403
@@ -207,3 +216,83 @@ async def test_the_log_keeps_changes_for_the_retention_only(
     assert await redis.xlen(log) <= 201
     ((_, newest),) = await redis.xrevrange(log, count=1)
     assert b"new 99" in newest[b"f"]
+
+
+async def calls(
+    http: aiohttp.ClientSession, url: str, tenant: str, users: list[str], posts: int
+) -> int:
+    """A call started or ended on each of ``users`` a request: the changes made (a
+    request's events for one user commit as one change)."""
+    producer = {"Authorization": f"Bearer {make_token('pbx', tenant=tenant, role='producer')}"}
+    run = time.time_ns()  # event ids are kept for a day: fresh ones on a shared Redis
+    for n in range(posts):
+        kind = "call_ended" if n % 2 else "call_started"
+        events = [
+            {
+                "event_id": f"{run}-{n}-{u}",
+                "kind": kind,
+                "user": u,
+                "ref": f"{run}-{n // 2}",
+                "at": time.time(),
+            }
+            for u in users
+        ]
+        async with http.post(f"{url}/v1/events", json={"events": events}, headers=producer) as r:
+            results = (await r.json())["results"]
+        assert [x["result"] for x in results] == ["applied"] * len(events), results[:3]
+    return posts * len(users)
+
+
+def small_receive_buffer(address: AddrInfoType) -> socket.socket:
+    family, kind, proto, _, _ = address
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    return sock
+
+
+@pytest.mark.slow
+async def test_a_reader_that_stops_reading_costs_the_hub_one_round_then_gets_everything(
+    redis_server: EmbeddedRedis, redis: Any, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    rates = ("--rate-limit", "10000000", "--rate-burst", "10000000")
+    hub = HubProcess(redis_server.url, tmp_path, *rates)
+    small_buffered = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+    async def log_reads() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_xread", {}).get("calls", 0))
+
+    try:
+        await hub.ready()
+        users = [f"s{n}" for n in range(1000)]
+        for user in users:  # an offline user's calls change nothing that observers see
+            await Client.connect(hub.url, make_token(user, tenant="stall"))
+        producer = {"Authorization": f"Bearer {make_token('crm', tenant='stall', role='producer')}"}
+        # aiohttp stops reading a response nobody reads once its buffer is full, then the
+        # sockets' buffers fill (the receiver's kept small here; the hub's may grow to 4
+        # MB): 8 MB of events leave the hub's writes to it blocked.
+        stalled = await small_buffered.get(f"{hub.http_url}/v1/changes", headers=producer)
+        made = await calls(http, hub.http_url, "stall", users, posts=60)
+        before = await log_reads()
+        # 8 MB more: a hub that read on to buffer them would read the log every round.
+        made += await calls(http, hub.http_url, "stall", users, posts=60)
+        assert await log_reads() - before <= 1
+
+        # Read at last, the stalled reader gets every change, each user's in ver order.
+        caught_up = Stream(stalled)
+        await caught_up.until(lambda p: len(caught_up.events) >= made, wait=120)
+        vers: dict[str, list[int]] = {}
+        for _, presence in caught_up.events:
+            vers.setdefault(presence["user"], []).append(presence["ver"])
+        assert sorted(vers) == sorted(users)
+        for seen in vers.values():
+            assert seen == list(range(seen[0], seen[0] + len(seen)))
+        assert len(caught_up.events) == made
+        stalled.close()
+    finally:
+        await small_buffered.close()
+        await Client.close_all()
+        hub.stop()

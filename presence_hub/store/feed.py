@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from redis.asyncio import RedisCluster
 
@@ -24,10 +24,14 @@ from presence_hub.ids import TenantId, UserId
 from presence_hub.store import keys
 from presence_hub.store.clients import RedisClient, redis_errors
 
-__all__ = ["PAGE", "Change", "ChangeFeed", "Cursor", "CursorExpired"]
+__all__ = ["PAGE", "POLL", "Change", "ChangeFeed", "Cursor", "CursorExpired", "Round"]
 
-#: Entries read from each partition's log per round.
-PAGE: Final = 200
+#: Entries read from each partition's log per round: what a reader holds in memory is
+#: at most a round, PAGE x PARTITIONS entries.
+PAGE: Final = 32
+#: Seconds between the rounds of a reader that has caught up: a round costs a read of
+#: every partition, however few of them changed.
+POLL: Final = 0.05
 _MAX_SEQ: Final = 2**64 - 1
 
 
@@ -66,6 +70,15 @@ class Change:
     frame: bytes
 
 
+class Round(NamedTuple):
+    changes: list[Change]
+    #: Where the next round starts: past what was read, even if none of it was the
+    #: tenant's.
+    after: Cursor
+    #: Whether the round read up to the watermark: the next should wait POLL.
+    caught_up: bool
+
+
 class ChangeFeed:
     def __init__(
         self, redis: RedisClient, retention: float, clock: Callable[[], float] = time.time
@@ -86,17 +99,15 @@ class ChangeFeed:
 
     async def read(
         self, tenant: TenantId, after: Cursor, users: Collection[UserId] | None = None
-    ) -> tuple[list[Change], Cursor]:
-        """The tenant's changes (of ``users`` only, if given) after ``after``, in order,
-        and the position to read from next (past what was read, even if none of it was
-        the tenant's)."""
+    ) -> Round:
+        """The tenant's changes (of ``users`` only, if given) after ``after``, in order."""
         watermark = await self._watermark()
         if watermark <= after.ms:
-            return [], after
+            return Round([], after, caught_up=True)
         entries = await self._ranges(after, watermark)
         # What may be handed out: up to the watermark, or, where a partition had more
         # than a page, up to the last entry read of the most behind such partition.
-        limit = Cursor(watermark, _MAX_SEQ, keys.PARTITIONS - 1)
+        limit = whole = Cursor(watermark, _MAX_SEQ, keys.PARTITIONS - 1)
         for partition, page in enumerate(entries):
             if len(page) == PAGE:
                 limit = min(limit, _cursor(page[-1][0], partition))
@@ -117,22 +128,34 @@ class ChangeFeed:
             user = member[len(prefix) :]
             if wanted is None or user in wanted:
                 changes.append(Change(cursor, UserId(user.decode()), fields[b"f"]))
-        return changes, limit
+        return Round(changes, limit, caught_up=limit == whole)
 
     async def _ranges(self, after: Cursor, watermark: int) -> list[list[Any]]:
-        """Each partition's entries after ``after`` up to the watermark, a page each."""
-        # Exclusive of the cursor's id (the id after the largest of a millisecond is
-        # the next millisecond's first).
-        start_after = f"{after.ms + 1}-0" if after.seq == _MAX_SEQ else f"({after.ms}-{after.seq}"
-        start_from = f"{after.ms}-{after.seq}"
+        """Each partition's entries after ``after``, a page each (some may lie past the
+        watermark: the caller leaves those for a later round)."""
+        # XREAD reads after an id: a partition up to the cursor's resumes after its id,
+        # one after it also holds the entries of that very id.
+        after_id = f"{after.ms}-{after.seq}"
+        if after.seq:
+            before_id = f"{after.ms}-{after.seq - 1}"
+        else:  # no stream holds 0-0
+            before_id = f"{after.ms - 1}-{_MAX_SEQ}" if after.ms else "0-0"
+        starts: dict[Any, Any] = {
+            log: after_id if partition <= after.partition else before_id
+            for partition, log in enumerate(self._logs)
+        }
         with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for partition, log in enumerate(self._logs):
-                    # Entries of the same id in later partitions come after the cursor.
-                    start = start_after if partition <= after.partition else start_from
-                    pipe.xrange(log, start, str(watermark), count=PAGE)
-                pages: list[list[Any]] = await pipe.execute()
-        return pages
+            if isinstance(self.redis, RedisCluster):
+                # A cluster's commands keep to one slot: one read per partition.
+                async with self.redis.pipeline() as pipe:
+                    for log, start in starts.items():
+                        pipe.xread({log: start}, count=PAGE)
+                    replies = await pipe.execute()
+            else:
+                # One command for every partition: a quiet round costs one empty reply.
+                replies = [await self.redis.xread(starts, count=PAGE)]
+        pages = {name.decode(): entries for reply in replies for name, entries in reply}
+        return [pages.get(log, []) for log in self._logs]
 
     async def _watermark(self) -> int:
         """The last millisecond whose entries are all written, on every server."""

@@ -443,7 +443,7 @@ export class PresenceClient {
         this.fail(new HubError("forbidden", "the hub refused the token"));
       }
     };
-    ws.onclose = (event) => this.closed(ws, event.code, event.reason);
+    ws.onclose = (event) => this.closed(ws, event.code);
   }
 
   private newSocket(): WebSocketLike {
@@ -519,7 +519,7 @@ export class PresenceClient {
     }
   }
 
-  private closed(ws: WebSocketLike, code: number, reason: string): void {
+  private closed(ws: WebSocketLike, code: number): void {
     if (ws !== this.ws) {
       return;
     }
