@@ -13,7 +13,7 @@ from typing import Any, Final, Protocol
 from aiohttp import web
 
 from presence_hub import codec, model, rules
-from presence_hub.auth import Claims, Role, bearer_token, verify_token
+from presence_hub.auth import Claims, Role, TokenVerifier, bearer_token
 from presence_hub.config import Settings
 from presence_hub.errors import AuthError, FrameError, StoreError
 from presence_hub.events import MAX_EVENTS, apply_events
@@ -27,7 +27,7 @@ from presence_hub.webhooks import Webhook, Webhooks
 class NodeView(Protocol):
     """What the HTTP API needs of a node: the API does not depend on the server."""
 
-    secret: str
+    tokens: TokenVerifier
     settings: Settings
     store: PresenceStore
     metrics: Metrics
@@ -60,7 +60,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _authorize(request: web.Request, roles: tuple[Role, ...]) -> Claims:
+async def _authorize(request: web.Request, roles: tuple[Role, ...]) -> Claims:
     token = bearer_token(request.headers.get("Authorization", ""))
     if token is None:
         raise web.HTTPUnauthorized(
@@ -69,7 +69,7 @@ def _authorize(request: web.Request, roles: tuple[Role, ...]) -> Claims:
             headers={"WWW-Authenticate": 'Bearer realm="presence-hub"'},
         )
     try:
-        claims = verify_token(token, request.app[NODE].secret)
+        claims = await request.app[NODE].tokens.verify(token)
     except AuthError as exc:
         raise web.HTTPUnauthorized(
             text=json.dumps({"error": str(exc)}),
@@ -86,7 +86,7 @@ def _authorize(request: web.Request, roles: tuple[Role, ...]) -> Claims:
 
 async def post_events(request: web.Request) -> web.Response:
     arrived = time.time()
-    claims = _authorize(request, ("producer", "admin"))
+    claims = await _authorize(request, ("producer", "admin"))
     node = request.app[NODE]
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in BODY_ENCODINGS:
@@ -126,7 +126,7 @@ def _decompress(raw: bytes) -> bytes:
 
 
 async def get_presence(request: web.Request) -> web.Response:
-    claims = _authorize(request, ("producer", "admin"))
+    claims = await _authorize(request, ("producer", "admin"))
     node = request.app[NODE]
     users = [u for u in request.query.get("users", "").split(",") if u]
     if not users or not are_valid_ids(users):
@@ -148,7 +148,7 @@ FEED_KEEPALIVE: Final = 15.0
 
 async def get_changes(request: web.Request) -> web.StreamResponse:
     """PROTOCOL.md's change feed as Server-Sent Events, from a cursor or from now."""
-    claims = _authorize(request, ("producer", "admin"))
+    claims = await _authorize(request, ("producer", "admin"))
     node = request.app[NODE]
     feed = node.store.feed
     if feed.retention <= 0:
@@ -198,7 +198,7 @@ async def get_changes(request: web.Request) -> web.StreamResponse:
 
 
 async def put_webhook(request: web.Request) -> web.Response:
-    claims = _authorize(request, ("admin",))
+    claims = await _authorize(request, ("admin",))
     name = request.match_info["name"]
     if not is_valid_id(name):
         return _error(400, "not a valid webhook name")
@@ -224,7 +224,7 @@ async def put_webhook(request: web.Request) -> web.Response:
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
-    claims = _authorize(request, ("admin",))
+    claims = await _authorize(request, ("admin",))
     webhooks = request.app[NODE].webhooks
     listed = [
         {**hook.public(), "status": await webhooks.status(hook)}
@@ -234,7 +234,7 @@ async def list_webhooks(request: web.Request) -> web.Response:
 
 
 async def delete_webhook(request: web.Request) -> web.Response:
-    claims = _authorize(request, ("admin",))
+    claims = await _authorize(request, ("admin",))
     name = request.match_info["name"]
     if not await request.app[NODE].webhooks.delete(claims.tenant, name):
         return _error(404, "no such webhook")
@@ -242,7 +242,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
 
 
 async def explain(request: web.Request) -> web.Response:
-    claims = _authorize(request, ("admin",))
+    claims = await _authorize(request, ("admin",))
     node = request.app[NODE]
     user = request.match_info["user"]
     if not is_valid_id(user):

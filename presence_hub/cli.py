@@ -22,9 +22,17 @@ from urllib.parse import urlencode
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from presence_hub.auth import ROLES, issue_token, load_or_create_secret
+from presence_hub.auth import (
+    ROLES,
+    TokenVerifier,
+    issue_token,
+    load_or_create_secret,
+    load_private_key,
+    load_public_key,
+)
 from presence_hub.config import Settings
 from presence_hub.errors import PresenceHubError
+from presence_hub.jwks import JwksKeys
 from presence_hub.metrics import MULTIPROCESS_DIR
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis
@@ -111,23 +119,46 @@ def serve(settings: Settings) -> None:
             url,
             embedded.data_dir,
         )
-    secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
+    secrets = hub_secrets(settings)
+    tokens(settings, secrets)  # a bad key file or algorithm fails here, before any worker
     try:
         if settings.workers > 1:
-            _serve_workers(settings, url, secret)
+            _serve_workers(settings, url, secrets)
         else:
-            asyncio.run(_serve(settings, url, secret))
+            asyncio.run(_serve(settings, url, secrets))
     finally:
         if embedded is not None:
             embedded.stop()
 
 
-def _worker(settings: Settings, url: str, secret: str) -> None:
+def hub_secrets(settings: Settings) -> list[str]:
+    """The HS256 secrets: as given, or, with no other keys either, the data directory's."""
+    if settings.secret:
+        return [s.strip() for s in settings.secret.split(",") if s.strip()]
+    if settings.token_public_keys or settings.jwks_url:
+        return []
+    return [load_or_create_secret(settings.data_dir / "secret")]
+
+
+def tokens(settings: Settings, secrets: list[str]) -> TokenVerifier:
+    """The node's token verification, from its settings."""
+    files = [Path(f.strip()) for f in (settings.token_public_keys or "").split(",") if f.strip()]
+    return TokenVerifier(
+        secrets,
+        public_keys={f.name.removesuffix(".pem"): load_public_key(f) for f in files},
+        jwks=JwksKeys(settings.jwks_url, settings.jwks_refresh) if settings.jwks_url else None,
+        algorithms=[a.strip() for a in settings.token_algorithms.split(",") if a.strip()],
+        issuer=settings.token_issuer,
+        audience=settings.token_audience,
+    )
+
+
+def _worker(settings: Settings, url: str, secrets: list[str]) -> None:
     _configure_logging(settings)
-    asyncio.run(_serve(settings, url, secret))
+    asyncio.run(_serve(settings, url, secrets))
 
 
-def _serve_workers(settings: Settings, url: str, secret: str) -> None:
+def _serve_workers(settings: Settings, url: str, secrets: list[str]) -> None:
     """N processes on the same ports; the kernel spreads connections over them.
 
     A scrape of /metrics reaches one of them, and must count the whole node: the
@@ -137,13 +168,13 @@ def _serve_workers(settings: Settings, url: str, secret: str) -> None:
         # Read by prometheus_client when each spawned worker imports it; a directory of
         # this run's own, so that no earlier run's counts are added in.
         os.environ[MULTIPROCESS_DIR] = metrics_dir
-        _run_workers(settings, url, secret)
+        _run_workers(settings, url, secrets)
 
 
-def _run_workers(settings: Settings, url: str, secret: str) -> None:
+def _run_workers(settings: Settings, url: str, secrets: list[str]) -> None:
     ctx = multiprocessing.get_context("spawn")
     workers = [
-        ctx.Process(target=_worker, args=(settings, url, secret), name=f"presence-hub-{n}")
+        ctx.Process(target=_worker, args=(settings, url, secrets), name=f"presence-hub-{n}")
         for n in range(settings.workers)
     ]
     for worker in workers:
@@ -180,13 +211,13 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-async def _serve(settings: Settings, url: str, secret: str) -> None:
+async def _serve(settings: Settings, url: str, secrets: list[str]) -> None:
     _tune_gc()
     redis = open_redis(url)
     # The listener must see every disconnect, to resync after it: no silent retries.
     pubsub_redis = open_redis(url, max_connections=4, listener=True)
     lease_redis = open_redis(url, max_connections=2)
-    node = Node(settings, redis, pubsub_redis, secret, lease_redis=lease_redis)
+    node = Node(settings, redis, pubsub_redis, tokens(settings, secrets), lease_redis=lease_redis)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -200,9 +231,14 @@ async def _serve(settings: Settings, url: str, secret: str) -> None:
 
 
 def _local_token(args: argparse.Namespace, environ: dict[str, str], tenant: str, user: str) -> str:
-    settings = settings_from(args, environ)
-    secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
-    return issue_token(secret, tenant=tenant, user=user)
+    return issue_token(_signing_secret(settings_from(args, environ)), tenant=tenant, user=user)
+
+
+def _signing_secret(settings: Settings) -> str:
+    secrets = hub_secrets(settings)
+    if not secrets:
+        raise ValueError("the hub verifies no HS256 secret: sign with --private-key")
+    return secrets[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -214,12 +250,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Run a hub node. Every flag can also be set by its PRESENCE_HUB_* variable.",
     )
     _settings_parser(serve_parser)
-    token_parser = commands.add_parser("token", help="print a token signed with the hub's secret")
+    token_parser = commands.add_parser(
+        "token", help="print a token signed with the hub's (first) secret, or a private key"
+    )
     token_parser.add_argument("--tenant", required=True)
     token_parser.add_argument("--user", required=True)
     token_parser.add_argument("--role", choices=ROLES, default="user")
     token_parser.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
     token_parser.add_argument("--secret", default=None, help=f"(env {ENV_PREFIX}SECRET)")
+    token_parser.add_argument(
+        "--private-key",
+        type=Path,
+        default=None,
+        help="sign with this PEM private key (RSA: RS256, P-256: ES256, Ed25519: EdDSA)",
+    )
+    token_parser.add_argument("--kid", default=None, help="the key id the token names")
+    token_parser.add_argument("--issuer", default=None, help="the token's iss")
+    token_parser.add_argument("--audience", default=None, help="the token's aud")
     token_parser.add_argument(
         "--data-dir", type=Path, default=None, help=f"(env {ENV_PREFIX}DATA_DIR)"
     )
@@ -262,9 +309,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                 asyncio.run(watch(args.url, token, args.users))
         else:
             settings = settings_from(args, environ)
-            secret = settings.secret or load_or_create_secret(settings.data_dir / "secret")
+            key = (
+                load_private_key(args.private_key)
+                if args.private_key
+                else _signing_secret(settings)
+            )
+            extra = {"iss": args.issuer, "aud": args.audience}
             token = issue_token(
-                secret, tenant=args.tenant, user=args.user, role=args.role, ttl=args.ttl
+                key,
+                tenant=args.tenant,
+                user=args.user,
+                role=args.role,
+                ttl=args.ttl,
+                kid=args.kid,
+                **{k: v for k, v in extra.items() if v is not None},
             )
             print(token if args.page is None else page_link(args.page, token, args.contacts))
     except (PresenceHubError, ValueError, OSError) as exc:  # OSError: a port in use, say

@@ -38,8 +38,28 @@ class Settings:
         factory=default_data_dir, help="where the embedded Redis and the generated secret live"
     )
     secret: str | None = setting(
-        None, "HS256 token secret; none: generate one and keep it in the data directory"
+        None,
+        "HS256 token secrets, comma-separated: the first signs `presence-hub token`'s, "
+        "all verify; none, and no public key or JWKS: generate one in the data directory",
     )
+    token_public_keys: str | None = setting(
+        None,
+        "PEM files of token public keys (RS256, ES256, EdDSA), comma-separated; a token's "
+        "kid, if it has one, names its file (less .pem)",
+    )
+    jwks_url: str | None = setting(
+        None, "the identity provider's JWKS URL: token public keys chosen by kid"
+    )
+    jwks_refresh: float = setting(
+        300.0,
+        "seconds between fetches of the JWKS (a token of an unknown kid fetches it at "
+        "once, at most every 5 s)",
+    )
+    token_algorithms: str = setting(
+        "HS256,RS256,ES256,EdDSA", "the token algorithms accepted, comma-separated"
+    )
+    token_issuer: str | None = setting(None, "the iss every token must carry")
+    token_audience: str | None = setting(None, "the aud every token must carry")
     #: RULES.md: 10 s by default.
     grace: float = setting(
         10.0, "seconds a dropped connection stays online before it turns offline"

@@ -25,7 +25,7 @@ from websockets.typing import Subprotocol
 
 from presence_hub import codec, model, rules
 from presence_hub.api import make_app
-from presence_hub.auth import Claims, bearer_token, verify_token
+from presence_hub.auth import Claims, TokenVerifier, bearer_token
 from presence_hub.codec import FORMATS
 from presence_hub.config import Settings
 from presence_hub.delivery import Connection
@@ -63,13 +63,13 @@ class Node:
         settings: Settings,
         redis: RedisClient,
         pubsub_redis: RedisClient,
-        secret: str,
+        tokens: TokenVerifier,
         *,
         lease_redis: RedisClient | None = None,
     ) -> None:
         """``lease_redis``, when given, carries the node's lease renewals."""
         self.settings = settings
-        self.secret = secret
+        self.tokens = tokens
         self.id = uuid.uuid4().hex[:12]
         self.metrics = Metrics()
         self.store = PresenceStore(
@@ -98,7 +98,7 @@ class Node:
             store=self.store,
             hub=self.hub,
             metrics=self.metrics,
-            verify=lambda token: verify_token(token, secret),
+            verify=tokens.verify,
             expire_at=self._expire_at,
         )
 
@@ -120,6 +120,10 @@ class Node:
         await asyncio.wait_for(self.hub.wait_ready(), 30)
         await self.registry.register()
         self._tasks.append(asyncio.create_task(self.store.run_timers(), name="timers"))
+        if self.tokens.jwks is not None:
+            # The first tokens find the keys at hand; a provider down now is retried.
+            await self.tokens.jwks.fetch()
+            self._tasks.append(asyncio.create_task(self.tokens.jwks.run(), name="jwks"))
         if self.settings.feed_retention > 0:
             dispatcher = WebhookDispatcher(self.webhooks, self.id, self.metrics)
             self._tasks.append(asyncio.create_task(dispatcher.run(), name="webhooks"))
@@ -250,7 +254,7 @@ class Node:
 
     # --- The handshake --------------------------------------------------------------
 
-    def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
+    async def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         if url.path != WS_PATH:
             return ws.respond(HTTPStatus.NOT_FOUND, f"not found; the WebSocket is at {WS_PATH}\n")
@@ -260,7 +264,7 @@ class Node:
         if not token:
             return _unauthorized(ws, "missing token")
         try:
-            claims = verify_token(token, self.secret)
+            claims = await self.tokens.verify(token)
         except AuthError as exc:
             return _unauthorized(ws, str(exc))
         device = (query.get("device") or ["desktop"])[0]

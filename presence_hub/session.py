@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -41,7 +41,7 @@ class SessionContext:
     hub: Hub
     metrics: Metrics
     #: A token's claims, or AuthError.
-    verify: Callable[[str], Claims]
+    verify: Callable[[str], Awaitable[Claims]]
     #: Close the connection with 1008 when its token expires (at a new time, after ``auth``).
     expire_at: Callable[[Connection, float], None]
 
@@ -257,7 +257,7 @@ class Session:
                 return codec.snapshot_frame(request.id, presences)
             case codec.AuthRefresh(token=token):
                 try:
-                    fresh_claims = self.ctx.verify(token)
+                    fresh_claims = await self.ctx.verify(token)
                 except AuthError as exc:
                     raise FrameError("bad_request", str(exc)) from exc
                 if (fresh_claims.user, fresh_claims.tenant) != (claims.user, claims.tenant):

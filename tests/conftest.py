@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from presence_hub.auth import Role, issue_token
+from presence_hub.auth import Role, TokenVerifier, issue_token
 from presence_hub.config import Settings
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis, PresenceStore, find_redis_server
@@ -153,7 +153,8 @@ async def node_starter(
         url = default_url if server is None else server.url
         main = open_redis(url)
         listener = open_redis(url, max_connections=4, listener=True)
-        node = Node(replace(settings, **overrides), main, listener, SECRET)
+        tokens = overrides.pop("tokens", None) or TokenVerifier([SECRET])
+        node = Node(replace(settings, **overrides), main, listener, tokens)
         try:
             await node.start()
         except BaseException:
