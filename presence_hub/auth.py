@@ -190,7 +190,7 @@ def issue_token(
     role: Role = "user",
     ttl: float = 3600,
     kid: str | None = None,
-    **claims: Any,
+    claims: dict[str, Any] | None = None,
 ) -> str:
     """A token signed with an HS256 secret (a string) or a private key (RS256, ES256 or
     EdDSA by the key's type); ``claims`` adds others (``iss``, ``aud``)."""
@@ -201,7 +201,7 @@ def issue_token(
     payload = {"sub": user, "tenant": tenant, "role": role, "exp": int(time.time() + ttl)}
     algorithm = ALGORITHM if isinstance(key, str) else _signing_algorithm(key)
     headers = None if kid is None else {"kid": kid}
-    return jwt.encode({**payload, **claims}, key, algorithm=algorithm, headers=headers)
+    return jwt.encode({**payload, **(claims or {})}, key, algorithm=algorithm, headers=headers)
 
 
 def _signing_algorithm(key: Any) -> str:

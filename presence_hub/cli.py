@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 role=args.role,
                 ttl=args.ttl,
                 kid=args.kid,
-                **{k: v for k, v in extra.items() if v is not None},
+                claims={k: v for k, v in extra.items() if v is not None},
             )
             print(token if args.page is None else page_link(args.page, token, args.contacts))
     except (PresenceHubError, ValueError, OSError) as exc:  # OSError: a port in use, say

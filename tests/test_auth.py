@@ -88,7 +88,9 @@ async def test_any_of_several_secrets_verifies_so_one_can_be_rotated() -> None:
         claims = await tokens.verify(issue_token(secret, tenant="acme", user="alice"))
         assert claims.user == "alice"
     with pytest.raises(AuthError, match="Signature verification failed"):
-        await tokens.verify(issue_token("a-secret-nobody-gave-the-hub-of-enough-length", tenant="acme", user="x"))
+        await tokens.verify(
+            issue_token("a-secret-nobody-gave-the-hub-of-enough-length", tenant="acme", user="x")
+        )
 
 
 @pytest.mark.parametrize("algorithm", sorted(PRIVATE_KEYS))
@@ -144,7 +146,7 @@ async def test_algorithm_confusion_and_algorithms_not_allowed_are_refused(tmp_pa
 async def test_issuer_and_audience_are_checked_when_configured() -> None:
     tokens = TokenVerifier([SECRET], issuer="https://id.example.com", audience="presence")
     good = {"iss": "https://id.example.com", "aud": "presence"}
-    token = issue_token(SECRET, tenant="acme", user="alice", **good)
+    token = issue_token(SECRET, tenant="acme", user="alice", claims=good)
     assert (await tokens.verify(token)).user == "alice"
     for claims, why in (
         ({**good, "iss": "https://evil.example.com"}, "issuer"),
@@ -152,6 +154,6 @@ async def test_issuer_and_audience_are_checked_when_configured() -> None:
         ({"iss": good["iss"]}, "aud"),
     ):
         with pytest.raises(AuthError, match=why):
-            await tokens.verify(issue_token(SECRET, tenant="acme", user="alice", **claims))
+            await tokens.verify(issue_token(SECRET, tenant="acme", user="alice", claims=claims))
     # Without an audience configured, a token's aud (every IdP sets one) is no reason to refuse.
     assert (await TokenVerifier([SECRET]).verify(token)).user == "alice"

@@ -12,8 +12,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from websockets.exceptions import InvalidStatus
 
-from presence_hub.auth import verify_token
+from presence_hub.auth import issue_token, verify_token
 from presence_hub.cli import settings_from
 from presence_hub.config import Settings
 from presence_hub.store import EmbeddedRedis
@@ -81,6 +84,53 @@ def test_token_carries_the_claims(tmp_path: Path) -> None:
     )  # fmt: skip
     claims = verify_token(token, "s3cret-s3cret-s3cret-s3cret-s3cret")
     assert (claims.tenant, claims.user, claims.role) == ("acme", "pbx-1", "producer")
+
+
+@pytest.mark.slow
+async def test_serve_verifies_rotated_secrets_and_public_keys_that_token_signs_with(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    private = ed25519.Ed25519PrivateKey.generate()
+    key_file = tmp_path / "k1-private.pem"
+    key_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public_file = tmp_path / "k1.pem"
+    public_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    new, old = "new-secret-new-secret-new-secret-1", "old-secret-old-secret-old-secret-0"
+    signed = run_cli(
+        "token", "--tenant", "acme", "--user", "alice", "--private-key", str(key_file),
+        "--kid", "k1",
+    )  # fmt: skip
+    first = run_cli(
+        "token", "--tenant", "acme", "--user", "bob", env={"PRESENCE_HUB_SECRET": f"{new},{old}"}
+    )
+    assert verify_token(first, new).user == "bob"
+    hub = HubProcess(
+        redis_server.url,
+        tmp_path,
+        "--secret",
+        f"{new},{old}",
+        "--token-public-keys",
+        str(public_file),
+    )
+    try:
+        await hub.ready()
+        for token in (signed, first, issue_token(old, tenant="acme", user="carol")):
+            await Client.connect(hub.url, token)
+        with pytest.raises(InvalidStatus):
+            await Client.connect(hub.url, issue_token("x" * 40, tenant="acme", user="dave"))
+    finally:
+        await Client.close_all()
+        hub.stop()
 
 
 def test_token_refuses_bad_ids() -> None:
