@@ -93,7 +93,9 @@ def hub(
             *(under or []), sys.executable, "-m", "presence_hub", "serve",
             "--ws-port", str(ws_port), "--http-port", str(http_port),
             "--data-dir", data, "--secret", SECRET, "--log-level", "WARNING",
-            "--rate-limit", "100000", "--rate-burst", "100000", *HUB_FLAGS, *extra,
+            "--rate-limit", "100000", "--rate-burst", "100000",
+            # Every simulated client comes from one address, the load generator's.
+            "--connect-rate", "0", *HUB_FLAGS, *extra,
             *(["--redis-url", redis_url] if redis_url else []),
         ]  # fmt: skip
         process = subprocess.Popen(args)

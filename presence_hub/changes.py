@@ -48,9 +48,10 @@ class ChangeFollower(HttpClient):
         users: Sequence[str] | None = None,
         after: str | None = None,
         backoff: tuple[float, float] = (0.5, 30.0),
+        ca_file: str | None = None,
     ) -> None:
         """``after``: resume right after this cursor; none: from the present."""
-        super().__init__(base_url, token)
+        super().__init__(base_url, token, ca_file=ca_file)
         self.cursor = after
         self._users = list(users) if users else None
         self._backoff = backoff

@@ -184,10 +184,10 @@ def _run_workers(settings: Settings, url: str, secrets: list[str]) -> None:
     def forward(signum: int, frame: object) -> None:
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+                os.kill(worker.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
     running = {worker.sentinel: worker for worker in workers}
     while running:
         for sentinel in multiprocessing.connection.wait(list(running)):
@@ -222,6 +222,7 @@ async def _serve(settings: Settings, url: str, secrets: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, node.reload_tls)
     await node.start()
     await stop.wait()
     log.info("shutting down")
@@ -289,7 +290,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Show users' presence in the terminal, updated as it changes.",
     )
     watch_parser.add_argument("users", nargs="+", help="the users to watch")
-    watch_parser.add_argument("--url", default="ws://127.0.0.1:8765/v1/ws")
+    watch_parser.add_argument(
+        "--url", default="ws://127.0.0.1:8765/v1/ws", help="ws:// or wss:// (with --tls-cert)"
+    )
+    watch_parser.add_argument(
+        "--ca-file", default=None, help="for wss://: the CA (or certificate) to trust"
+    )
     watch_parser.add_argument(
         "--token",
         default=os.environ.get(ENV_PREFIX + "TOKEN"),
@@ -306,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "watch":
             token = args.token or _local_token(args, environ, args.tenant, args.user)
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(watch(args.url, token, args.users))
+                asyncio.run(watch(args.url, token, args.users, ca_file=args.ca_file))
         else:
             settings = settings_from(args, environ)
             key = (

@@ -13,7 +13,9 @@ by ``ver``, so a late or duplicate frame never overwrites newer state::
         async for presence in client.updates():
             print(presence.user, presence.status)
 
-``ProducerClient`` posts call and meeting events over HTTP.
+``ProducerClient`` posts call and meeting events over HTTP. Every client takes
+``wss://`` and ``https://`` URLs, and ``ca_file``: the CA (or self-signed
+certificate) to trust instead of the system's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import itertools
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,10 +96,15 @@ class PresenceClient:
         backoff_cap: float = 30.0,
         activity_interval: float = 30.0,
         request_timeout: float = 30.0,
+        ca_file: str | None = None,
     ) -> None:
         if fmt not in SUBPROTOCOLS:
             raise ValueError("fmt must be msgpack or json")
         self.url = url
+        #: websockets takes ``ssl`` for wss:// only.
+        self._tls: dict[str, Any] = (
+            {"ssl": tls_context(ca_file) or True} if url.startswith("wss:") else {}
+        )
         self.device = device
         self.fmt = fmt
         self._token = token
@@ -287,6 +295,7 @@ class PresenceClient:
                     additional_headers=headers,
                     subprotocols=[Subprotocol(SUBPROTOCOLS[self.fmt])],
                     max_size=None,
+                    **self._tls,
                 ) as ws:
                     await self._serve(ws)
                     attempt = 0
@@ -298,8 +307,14 @@ class PresenceClient:
             except InvalidURI as exc:
                 self._fail(HubError("bad_request", str(exc)))
                 return
+            except ssl.SSLCertVerificationError as exc:
+                # Retrying would not change it: the wrong hub, or a CA not given.
+                self._fail(HubError("untrusted_certificate", exc.verify_message or str(exc)))
+                return
             except (OSError, ConnectionClosed, TimeoutError) as exc:
                 log.info("connection lost: %s", exc)
+                if not self._reconnect:
+                    self._fail(HubError("unavailable", f"could not connect: {exc}"))
             finally:
                 self._connected.clear()
                 self._ws = None
@@ -376,19 +391,29 @@ class PresenceClient:
         return incoming
 
 
+def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """A context that trusts ``ca_file``; none: the default (the system's CAs)."""
+    return None if ca_file is None else ssl.create_default_context(cafile=ca_file)
+
+
 class HttpClient:
     """A client of the hub's HTTP API with one token: an HTTP session for the length
     of an ``async with`` block."""
 
     timeout: aiohttp.ClientTimeout = aiohttp.client.DEFAULT_TIMEOUT
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, *, ca_file: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
+        self._tls = tls_context(ca_file)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(headers=self._headers, timeout=self.timeout)
+        self._session = aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=self.timeout,
+            connector=aiohttp.TCPConnector(ssl=self._tls if self._tls is not None else True),
+        )
         return self
 
     async def __aexit__(
@@ -410,8 +435,10 @@ class HttpClient:
 class ProducerClient(HttpClient):
     """Posts producer events, and asks for presence, over the hub's HTTP API."""
 
-    def __init__(self, base_url: str, token: str, *, use_msgpack: bool = False) -> None:
-        super().__init__(base_url, token)
+    def __init__(
+        self, base_url: str, token: str, *, use_msgpack: bool = False, ca_file: str | None = None
+    ) -> None:
+        super().__init__(base_url, token, ca_file=ca_file)
         self._msgpack = use_msgpack
 
     async def post_events(self, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

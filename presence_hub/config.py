@@ -74,6 +74,27 @@ class Settings:
         1000, "users in one subscribe, unsubscribe or query, and in GET /v1/presence or /v1/changes"
     )
     max_subscriptions: int = setting(10_000, "subscriptions on one connection")
+    max_sessions_per_user: int = setting(
+        20,
+        "sessions one user may hold, dropped ones within their grace included (one more "
+        "is refused: limit_exceeded, then close 1008)",
+    )
+    max_handshakes: int = setting(
+        4096, "WebSocket handshakes in progress on a node (one more: HTTP 503)"
+    )
+    connect_rate: float = setting(
+        200.0, "new WebSocket connections a second from one address (more: HTTP 429; 0: any)"
+    )
+    connect_burst: int = setting(2000, "new WebSocket connections from one address in a burst")
+    allowed_origins: str | None = setting(
+        None,
+        "the browser origins that may connect, comma-separated (another Origin: HTTP 403; "
+        "clients that send none, not browsers, may); none: any",
+    )
+    tls_cert: str | None = setting(
+        None, "PEM certificate (chain) for wss:// and https:// on both ports; SIGHUP reloads it"
+    )
+    tls_key: str | None = setting(None, "the certificate's PEM private key")
     #: PROTOCOL.md: 24 hours by default.
     feed_retention: float = setting(
         86400.0, "seconds the change feed (GET /v1/changes) keeps a change (0: no feed)"

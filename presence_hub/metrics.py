@@ -38,6 +38,13 @@ class Metrics:
             # Across workers: the sum over the live ones.
             multiprocess_mode="livesum",
         )
+        self.refused_connections = Counter(
+            "presence_hub_refused_connections",
+            "WebSocket connections refused by a limit: connect_rate (from one address), "
+            "handshakes (in progress), origin, sessions_per_user.",
+            ["limit"],
+            registry=r,
+        )
         self.sessions_opened = Counter(
             "presence_hub_sessions_opened", "Sessions opened, by device.", ["device"], registry=r
         )
@@ -127,6 +134,10 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+
+    def refused(self, limit: str) -> Counter:
+        """The refused_connections counter of one limit."""
+        return self._child(self.refused_connections, limit)
 
     def connected(self, device: str) -> Gauge:
         """The connections gauge of one device kind."""

@@ -48,7 +48,7 @@ __all__ = [
 Manual: TypeAlias = Literal["available", "busy", "dnd", "away", "invisible"]
 Status: TypeAlias = Literal["available", "busy", "dnd", "on_call", "away", "offline"]
 Device: TypeAlias = Literal["desktop", "mobile", "web"]
-Result: TypeAlias = Literal["applied", "stale"]
+Result: TypeAlias = Literal["applied", "stale", "refused"]
 
 MANUAL_STATUSES: Final[tuple[Manual, ...]] = ("available", "busy", "dnd", "away", "invisible")
 STATUSES: Final[tuple[Status, ...]] = ("available", "busy", "dnd", "on_call", "away", "offline")
@@ -165,6 +165,9 @@ class SessionOpened:
     session: SessionId
     device: Device
     node: str
+    #: The sessions the user may hold (dropped ones in their grace count): one more is
+    #: refused, so a client that reconnects in a loop cannot pile them up.
+    max_sessions: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,5 +249,6 @@ class Outcome:
     self_view: SelfView | None
     #: The next time at which the state changes by itself, if any.
     due: float | None
-    #: For call and meeting events: ``stale`` when the event was superseded.
+    #: For call and meeting events: ``stale`` when the event was superseded; for a
+    #: session beyond the user's limit, ``refused``.
     result: Result = "applied"

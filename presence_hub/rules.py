@@ -259,9 +259,11 @@ def _handle(state: UserState, event: Input, now: float) -> tuple[UserState, Resu
             return replace(state, auto_away_after=after, idle=idle), "applied"
         case ActivitySeen():
             return _touch(state, now), "applied"
-        case SessionOpened(session=sid, device=device, node=node):
+        case SessionOpened(session=sid, device=device, node=node, max_sessions=limit):
             if sid in state.sessions:
                 return state, "applied"
+            if limit is not None and len(state.sessions) >= limit:
+                return state, "refused"
             sessions = {**state.sessions, sid: Session(device=device, node=node, since=now)}
             return _touch(replace(state, sessions=sessions), now), "applied"
         case SessionClosed(session=sid) | SessionExpired(session=sid):

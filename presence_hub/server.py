@@ -8,6 +8,7 @@ import contextlib
 import logging
 import secrets
 import socket
+import ssl
 import time
 import uuid
 import weakref
@@ -32,6 +33,7 @@ from presence_hub.delivery import Connection
 from presence_hub.errors import AuthError, StoreError, UnsafeRedis
 from presence_hub.hub import Hub
 from presence_hub.ids import SessionId
+from presence_hub.limits import AddressRates
 from presence_hub.metrics import Metrics
 from presence_hub.session import Session, SessionContext
 from presence_hub.store import PresenceStore
@@ -85,6 +87,15 @@ class Node:
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()
         )
+        #: Admitted handshakes not yet welcomed (one that fails is garbage, and leaves).
+        self._handshaking: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
+        self._address_rates = AddressRates(settings.connect_rate, settings.connect_burst)
+        self._origins = (
+            None
+            if settings.allowed_origins is None
+            else {o.strip() for o in settings.allowed_origins.split(",") if o.strip()}
+        )
+        self.tls = self._tls_context()
         self._tasks: list[asyncio.Task[None]] = []
         self._server: Server | None = None
         self._http: web.AppRunner | None = None
@@ -146,6 +157,7 @@ class Node:
             # Updates never wait on a socket's receive side; keep its queue short.
             max_queue=4,
             backlog=4096,
+            ssl=self.tls,
         )
         self._http = web.AppRunner(
             make_app(self), access_log=None, handle_signals=False, auto_decompress=False
@@ -156,17 +168,39 @@ class Node:
             self.settings.host,
             self.settings.http_port,
             reuse_port=self.settings.workers > 1,
+            ssl_context=self.tls,
         ).start()
         self.accepting = True
+        secure = "s" if self.tls is not None else ""
         log.info(
-            "node %s listening on ws://%s:%d%s and http://%s:%d",
+            "node %s listening on ws%s://%s:%d%s and http%s://%s:%d",
             self.id,
+            secure,
             self.settings.host,
             self.ws_port,
             WS_PATH,
+            secure,
             self.settings.host,
             self.http_port,
         )
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.settings.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        return context
+
+    def reload_tls(self) -> None:
+        """Load the certificate again (SIGHUP): new connections get it, open ones stay."""
+        if self.tls is None:
+            return
+        try:
+            self.tls.load_cert_chain(self.settings.tls_cert or "", self.settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS certificate not reloaded, the old one stays: %s", exc)
+            return
+        log.info("TLS certificate reloaded from %s", self.settings.tls_cert)
 
     async def _check_redis(self) -> None:
         """Refuse a Redis that evicts keys unless the settings accept it; warn of one
@@ -258,20 +292,44 @@ class Node:
         url = urlsplit(request.path)
         if url.path != WS_PATH:
             return ws.respond(HTTPStatus.NOT_FOUND, f"not found; the WebSocket is at {WS_PATH}\n")
+        origin = request.headers.get("Origin")
+        if self._origins is not None and origin is not None and origin not in self._origins:
+            return self._refuse(ws, "origin", HTTPStatus.FORBIDDEN, "origin not allowed")
+        if not self._address_rates.allow(str(ws.remote_address[0]) if ws.remote_address else ""):
+            return self._refuse(
+                ws, "connect_rate", HTTPStatus.TOO_MANY_REQUESTS, "too many new connections"
+            )
+        if len(self._handshaking) >= self.settings.max_handshakes:
+            return self._refuse(
+                ws, "handshakes", HTTPStatus.SERVICE_UNAVAILABLE, "too many handshakes at once"
+            )
         query = parse_qs(url.query)
         token = bearer_token(request.headers.get("Authorization", ""))
         token = token or next(iter(query.get("access_token", [])), None)
         if not token:
             return _unauthorized(ws, "missing token")
-        try:
-            claims = await self.tokens.verify(token)
-        except AuthError as exc:
-            return _unauthorized(ws, str(exc))
         device = (query.get("device") or ["desktop"])[0]
         if device not in model.DEVICES:
             return ws.respond(HTTPStatus.BAD_REQUEST, "device must be desktop, mobile or web\n")
+        self._handshaking.add(ws)
+        try:
+            claims = await self.tokens.verify(token)
+        except AuthError as exc:
+            self._handshaking.discard(ws)
+            return _unauthorized(ws, str(exc))
         self._admissions[ws] = _Admission(claims, device)
         return None
+
+    def _refuse(
+        self, ws: ServerConnection, limit: str, status: HTTPStatus, reason: str
+    ) -> Response:
+        self.metrics.refused(limit).inc()
+        response = ws.respond(
+            status, f"{reason}; retry later\n" if status != 403 else reason + "\n"
+        )
+        if status != HTTPStatus.FORBIDDEN:
+            response.headers["Retry-After"] = "1"
+        return response
 
     # --- A connection ---------------------------------------------------------------
 
@@ -297,15 +355,24 @@ class Node:
             await self.hub.join(conn)
             await self.registry.add_session(conn.session, conn.tenant, conn.user)
             opened = await self.store.apply(
-                conn.tenant, conn.user, model.SessionOpened(conn.session, conn.device, self.id)
+                conn.tenant,
+                conn.user,
+                model.SessionOpened(
+                    conn.session, conn.device, self.id, self.settings.max_sessions_per_user
+                ),
             )
         except (StoreError, TimeoutError) as exc:
+            self._handshaking.discard(ws)
             self.hub.leave(conn)
             self.metrics.redis_errors.inc()
             log.warning("refusing %s/%s: %s", conn.tenant, conn.user, exc)
             with contextlib.suppress(ConnectionClosed):
                 await conn.send(codec.error_frame("unavailable", "store unavailable; retry later"))
             await ws.close(1011, "store unavailable")
+            return
+        self._handshaking.discard(ws)
+        if opened.result == "refused":
+            await self._refuse_session(ws, conn)
             return
         assert opened.outcome is not None
         own = rules.self_view(opened.outcome.state)
@@ -335,6 +402,20 @@ class Node:
             task = asyncio.create_task(self._end_session(conn, ended))
             self._cleanup.add(task)
             task.add_done_callback(self._cleanup.discard)
+
+    async def _refuse_session(self, ws: ServerConnection, conn: Connection) -> None:
+        """One session more than the user may hold: said, then closed (1008)."""
+        self.hub.leave(conn)
+        self.metrics.refused("sessions_per_user").inc()
+        limit = self.settings.max_sessions_per_user
+        log.warning("refusing %s/%s: %d sessions already", conn.tenant, conn.user, limit)
+        with contextlib.suppress(ConnectionClosed):
+            await conn.send(
+                codec.error_frame("limit_exceeded", f"at most {limit} sessions for one user")
+            )
+        await ws.close(1008, "too many sessions")
+        with contextlib.suppress(StoreError):
+            await self.registry.remove_session(conn.session)
 
     async def _end_session(self, conn: Connection, ended: model.Input) -> None:
         """Record the end of a session; while Redis is away retry; the lease is the backstop."""

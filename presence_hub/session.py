@@ -21,6 +21,7 @@ from presence_hub.errors import AuthError, FrameError, StoreUnavailable
 from presence_hub.events import MAX_EVENTS, apply_events
 from presence_hub.hub import Hub
 from presence_hub.ids import TenantId, UserId
+from presence_hub.limits import TokenBucket
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
 
@@ -44,23 +45,6 @@ class SessionContext:
     verify: Callable[[str], Awaitable[Claims]]
     #: Close the connection with 1008 when its token expires (at a new time, after ``auth``).
     expire_at: Callable[[Connection, float], None]
-
-
-class _RateLimit:
-    """A token bucket: ``rate`` frames a second, bursts of ``burst``."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self.tokens, self.at = float(burst), time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
 
 class _EventBatcher:
@@ -153,9 +137,9 @@ class Session:
         s = self.ctx.settings
         producer = claims.role == "producer"
         limit = (
-            _RateLimit(s.producer_rate_limit, s.producer_rate_burst)
+            TokenBucket(s.producer_rate_limit, s.producer_rate_burst)
             if producer
-            else _RateLimit(s.rate_limit, s.rate_burst)
+            else TokenBucket(s.rate_limit, s.rate_burst)
         )
         events = _EventBatcher(self.ctx, conn) if producer else None
         refused = 0

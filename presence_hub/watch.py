@@ -75,11 +75,16 @@ def render(
 
 
 async def watch(
-    url: str, token: str, contacts: Sequence[str], *, console: Console | None = None
+    url: str,
+    token: str,
+    contacts: Sequence[str],
+    *,
+    console: Console | None = None,
+    ca_file: str | None = None,
 ) -> None:
     """Show ``contacts`` until interrupted, redrawn in place on every change."""
     console = console or Console()
-    async with PresenceClient(url, token) as client:
+    async with PresenceClient(url, token, ca_file=ca_file) as client:
         await client.subscribe(contacts)
         me = client.welcome["user"]
 

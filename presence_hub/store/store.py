@@ -38,7 +38,7 @@ __all__ = ["EVENT_TTL", "FEED_RETENTION", "Applied", "EventResult", "PresenceSto
 
 log = logging.getLogger(__name__)
 
-EventResult: TypeAlias = Literal["applied", "stale", "duplicate"]
+EventResult: TypeAlias = Literal["applied", "stale", "refused", "duplicate"]
 
 #: Producer event ids are remembered this long (PROTOCOL.md: idempotency).
 EVENT_TTL: Final = 86400
