@@ -2,6 +2,7 @@
  * merging by ver, typed errors, token refresh, a restarted hub, and logout. */
 
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 
@@ -266,4 +267,29 @@ test("a token's expiry is read from its claims", () => {
   const exp = tokenExpiry(token);
   assert.ok(exp !== null && Math.abs(exp - (Date.now() / 1000 + 100)) < 5);
   assert.equal(tokenExpiry("not-a-jwt"), null);
+});
+
+test("over wss:// with a CA of its own, in Node: a ws that trusts it", async () => {
+  const hub = await Hub.startTls();
+  const ca = readFileSync(hub.tls!.cert);
+  class Trusting extends WebSocket {
+    constructor(url: string, protocols: string[], options?: { headers: Record<string, string> }) {
+      super(url, protocols, { ...options, ca });
+    }
+  }
+  const Ws = Trusting as unknown as PresenceClientOptions["WebSocket"];
+  try {
+    const bob = await PresenceClient.connect({ url: hub.url, token: makeToken("bob"), WebSocket: Ws });
+    const alice = await PresenceClient.connect({ url: hub.url, token: makeToken("alice"), WebSocket: Ws });
+    await bob.subscribe(["alice"]);
+    await alice.setStatus("busy");
+    await eventually(() => bob.presence.get("alice")?.status === "busy");
+    await Promise.all([alice.close(), bob.close()]);
+    // The system's trust alone does not know the hub's certificate.
+    const carol = new PresenceClient({ url: hub.url, token: makeToken("carol"), WebSocket: WS, requestTimeout: 2000 });
+    await assert.rejects(carol.open(), (e) => e instanceof HubError && e.code === "unavailable");
+    await carol.close();
+  } finally {
+    await hub.close();
+  }
 });

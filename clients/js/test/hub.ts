@@ -3,7 +3,8 @@
 
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { get } from "node:https";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -46,9 +47,26 @@ export function makeToken(
   return `${header}.${payload}.${base64url(signature)}`;
 }
 
+/** A self-signed certificate for 127.0.0.1, made with openssl: its files' paths. */
+export function makeCertificate(directory: string): { cert: string; key: string } {
+  const cert = join(directory, "hub.crt");
+  const key = join(directory, "hub.key");
+  const made = spawnSync("openssl", [
+    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=presence-hub test",
+    "-addext", "subjectAltName=IP:127.0.0.1",
+  ]);
+  if (made.status !== 0) {
+    throw new Error(`openssl failed: ${made.stderr}`);
+  }
+  return { cert, key };
+}
+
 export class Hub {
   process: ChildProcess | null = null;
   readonly dataDir = mkdtempSync(join(tmpdir(), "presence-hub-js-"));
+  /** The certificate the hub serves, with --tls-cert. */
+  tls: { cert: string; key: string } | null = null;
 
   private constructor(
     readonly wsPort: number,
@@ -57,17 +75,38 @@ export class Hub {
   ) {}
 
   get url(): string {
-    return `ws://127.0.0.1:${this.wsPort}/v1/ws`;
+    return `${this.tls ? "wss" : "ws"}://127.0.0.1:${this.wsPort}/v1/ws`;
   }
 
   get httpUrl(): string {
-    return `http://127.0.0.1:${this.httpPort}`;
+    return `${this.tls ? "https" : "http"}://127.0.0.1:${this.httpPort}`;
   }
 
   static async start(...extra: string[]): Promise<Hub> {
     const hub = new Hub(await freePort(), await freePort(), extra);
     await hub.restart();
     return hub;
+  }
+
+  /** A hub on TLS, with a certificate of its own. */
+  static async startTls(...extra: string[]): Promise<Hub> {
+    const hub = new Hub(await freePort(), await freePort(), extra);
+    hub.tls = makeCertificate(hub.dataDir);
+    await hub.restart();
+    return hub;
+  }
+
+  private async ready(): Promise<boolean> {
+    if (this.tls === null) {
+      return (await fetch(`${this.httpUrl}/readyz`)).ok;
+    }
+    const ca = readFileSync(this.tls.cert);
+    return await new Promise((done, fail) => {
+      get(`${this.httpUrl}/readyz`, { ca }, (response) => {
+        response.resume();
+        done(response.statusCode === 200);
+      }).on("error", fail);
+    });
   }
 
   /** Start it (again, on the same ports and data) and wait until it is ready. */
@@ -80,14 +119,14 @@ export class Hub {
       "--secret", SECRET,
       "--grace", "2",
       "--log-level", "WARNING",
+      ...(this.tls ? ["--tls-cert", this.tls.cert, "--tls-key", this.tls.key] : []),
       ...this.extra,
     ];
     this.process = spawn(join(VENV_BIN, "presence-hub"), args, { stdio: ["ignore", "inherit", "inherit"] });
     const deadline = Date.now() + 60_000;
     while (Date.now() < deadline) {
       try {
-        const response = await fetch(`${this.httpUrl}/readyz`);
-        if (response.ok) {
+        if (await this.ready()) {
           return;
         }
       } catch {
