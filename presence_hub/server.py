@@ -323,12 +323,12 @@ class Node:
     def _refuse(
         self, ws: ServerConnection, limit: str, status: HTTPStatus, reason: str
     ) -> Response:
+        """A handshake that a limit refuses: counted, and, unless forbidden, to retry."""
         self.metrics.refused(limit).inc()
-        response = ws.respond(
-            status, f"{reason}; retry later\n" if status != 403 else reason + "\n"
-        )
-        if status != HTTPStatus.FORBIDDEN:
-            response.headers["Retry-After"] = "1"
+        if status == HTTPStatus.FORBIDDEN:
+            return ws.respond(status, reason + "\n")
+        response = ws.respond(status, f"{reason}; retry later\n")
+        response.headers["Retry-After"] = "1"
         return response
 
     # --- A connection ---------------------------------------------------------------
