@@ -19,6 +19,8 @@
                                the instructions the hub executes for a storm of 1,000
                                clients x 50, counted by valgrind: a figure that does not
                                drift with the machine's load, to compare two versions
+    bench/sidebyside.py        the fan-out against the hub, Node socket.io + Redis and a
+                               bare websockets broadcast, side by side (bench/peers/)
 
 Each starts its own hub (embedded Redis in a temporary directory, on loopback),
 runs scripts/loadtest.py or its own bounded load against it, prints the figures

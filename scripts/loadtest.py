@@ -125,28 +125,8 @@ class LightClient(asyncio.Protocol):
         self._frames()
 
     def _frames(self) -> None:
-        buf = self.buffer
-        pos = 0
         now = time.time()
-        while len(buf) - pos >= 2:
-            b1 = buf[pos + 1]
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if len(buf) - pos < 4:
-                    break
-                length = struct.unpack_from("!H", buf, pos + 2)[0]
-                head = 4
-            elif length == 127:
-                if len(buf) - pos < 10:
-                    break
-                length = struct.unpack_from("!Q", buf, pos + 2)[0]
-                head = 10
-            if len(buf) - pos < head + length:
-                break
-            opcode = buf[pos] & 0x0F
-            payload = bytes(buf[pos + head : pos + head + length])
-            pos += head + length
+        for opcode, payload in read_frames(self.buffer):
             if opcode == 0x2:
                 try:
                     frame = decode_frame(payload)
@@ -159,7 +139,6 @@ class LightClient(asyncio.Protocol):
                 self._write(0x8A, payload)
             elif opcode == 0x8:
                 self.closed = True
-        del buf[:pos]
 
     def _frame(self, frame: ServerFrame, now: float) -> None:
         kind = frame.type
@@ -194,11 +173,11 @@ class LightClient(asyncio.Protocol):
     def send_many(self, frames: list[dict[str, Any]]) -> None:
         """Several frames in one write, as a pipelining producer sends them."""
         assert self.transport is not None
-        self.transport.write(b"".join(_masked(0x82, msgpack.packb(f)) for f in frames))
+        self.transport.write(b"".join(masked(0x82, msgpack.packb(f)) for f in frames))
 
     def _write(self, first_byte: int, payload: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(_masked(first_byte, payload))
+        self.transport.write(masked(first_byte, payload))
 
     async def request(self, frame: dict[str, Any], rid: int) -> ServerFrame:
         future: asyncio.Future[ServerFrame] = asyncio.get_running_loop().create_future()
@@ -207,7 +186,33 @@ class LightClient(asyncio.Protocol):
         return await asyncio.wait_for(future, 60)
 
 
-def _masked(first_byte: int, payload: bytes) -> bytes:
+def read_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """The complete frames at the start of ``buf`` (opcode, payload), taken out of it."""
+    frames = []
+    pos = 0
+    while len(buf) - pos >= 2:
+        b1 = buf[pos + 1]
+        length = b1 & 0x7F
+        head = 2
+        if length == 126:
+            if len(buf) - pos < 4:
+                break
+            length = struct.unpack_from("!H", buf, pos + 2)[0]
+            head = 4
+        elif length == 127:
+            if len(buf) - pos < 10:
+                break
+            length = struct.unpack_from("!Q", buf, pos + 2)[0]
+            head = 10
+        if len(buf) - pos < head + length:
+            break
+        frames.append((buf[pos] & 0x0F, bytes(buf[pos + head : pos + head + length])))
+        pos += head + length
+    del buf[:pos]
+    return frames
+
+
+def masked(first_byte: int, payload: bytes) -> bytes:
     """One masked frame (a client's frames must be masked): FIN and opcode in
     ``first_byte``."""
     mask = os.urandom(4)

@@ -1,0 +1,510 @@
+#!/usr/bin/env python3
+"""Side by side: the same fan-out load against the hub, a Node socket.io 4 server with
+the Redis adapter (``bench/peers/socketio.mjs``) and a bare ``websockets`` broadcast
+server without Redis (``bench/peers/bare.py``).
+
+U clients each subscribe to K random contacts; the clients change their own custom
+messages at R changes a second (or as fast as the server acknowledges them, 100 in
+flight), each change reaching its watchers. Each server gets core 0; the load
+generator and Redis share core 1. CPU is read from /proc: per delivered update (per
+expected one where the hub coalesced), and per change beyond the bare server's.
+
+    bench/sidebyside.py                 the table of docs/PERFORMANCE.md
+    bench/sidebyside.py --quick         a short run of the two 1,000 x 20 rows
+
+The socket.io peer's packages are installed into bench/peers/ with npm on first use.
+Every loop is bounded in count and time; everything listens on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import msgpack
+import msgspec
+import psutil
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "bench" / "peers"
+sys.path.insert(0, str(ROOT))
+from presence_hub.auth import issue_token  # noqa: E402
+from presence_hub.store import find_redis_server  # noqa: E402
+from presence_hub.store.embedded import free_port  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from loadtest import masked, read_frames  # noqa: E402
+
+SECRET = "side-by-side-secret-side-by-side-secret"
+ROWS: list[tuple[int, int, float | None]] = [
+    (1000, 20, 500.0),
+    (1000, 20, 2000.0),
+    (1000, 20, None),
+    (5000, 50, 100.0),
+    (5000, 50, 500.0),
+    (5000, 50, None),
+]
+TARGETS = ("hub", "socketio", "bare")
+IN_FLIGHT = 100
+
+
+# --- The wire of each target ------------------------------------------------------------
+
+
+class Update(msgspec.Struct):
+    user: str
+    message: str | None = None
+    ver: int = 0
+
+
+class HubFrame(msgspec.Struct):
+    type: str
+    id: int | None = None
+    user: str = ""
+    message: str | None = None
+    ver: int = 0
+    items: list[Update] = []
+
+
+decode_hub = msgspec.msgpack.Decoder(HubFrame).decode
+decode_json = msgspec.json.Decoder().decode
+
+
+@dataclass
+class Stats:
+    deliveries: int = 0
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+class Client(asyncio.Protocol):
+    """One simulated client of any target: a minimal WebSocket reader, and the target's
+    framing of subscribe, set_message and their replies."""
+
+    def __init__(self, kind: str, user: str, stats: Stats) -> None:
+        self.kind, self.user, self.stats = kind, user, stats
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.opened = asyncio.get_running_loop().create_future()
+        self.replies: dict[int, asyncio.Future[None]] = {}
+        self.next_id = 0
+        self.upgraded = False
+        #: The newest message seen of each contact.
+        self.view: dict[str, tuple[int, str | None]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for future in [self.opened, *self.replies.values()]:
+            if not future.done():
+                future.set_exception(ConnectionError("closed"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(self.buffer[:12])
+            del self.buffer[: end + 4]
+            if b" 101" not in status:
+                self.opened.set_exception(ConnectionError(status.decode(errors="replace")))
+                return
+            self.upgraded = True
+            if self.kind != "socketio":  # socket.io opens with its own packets
+                self.opened.set_result(None)
+        now = time.time()
+        for opcode, payload in read_frames(self.buffer):
+            if opcode in (0x1, 0x2):
+                self._payload(payload, now)
+            elif opcode == 0x9:
+                self._write(0x8A, payload)
+
+    def _payload(self, payload: bytes, now: float) -> None:
+        if self.kind == "hub":
+            frame = decode_hub(payload)
+            if frame.type == "presence":
+                self._update(frame.user, frame.ver, frame.message, now)
+            elif frame.type == "presences":
+                for item in frame.items:
+                    self._update(item.user, item.ver, item.message, now)
+            elif frame.id is not None:
+                self._reply(frame.id)
+        elif self.kind == "bare":
+            m = decode_json(payload)
+            if m["type"] == "presence":
+                self._update(m["user"], m["ver"], m["message"], now)
+            else:
+                self._reply(m["id"])
+        else:
+            self._socketio(payload, now)
+
+    def _socketio(self, packet: bytes, now: float) -> None:
+        if packet.startswith(b"42"):  # an event: ["presence", {...}]
+            _, m = decode_json(packet[2:])
+            self._update(m["user"], m["ver"], m["message"], now)
+        elif packet.startswith(b"43"):  # an ack: 43<id>[...]
+            digits = packet[2:].split(b"[", 1)[0]
+            self._reply(int(digits))
+        elif packet == b"2":  # engine.io ping
+            self._write(0x81, b"3")
+        elif packet.startswith(b"0"):  # engine.io open: connect to the namespace
+            self._write(0x81, b"40")
+        elif packet.startswith(b"40"):
+            self.opened.set_result(None)
+
+    def _update(self, user: str, ver: int, message: str | None, now: float) -> None:
+        self.stats.deliveries += 1
+        seen = self.view.get(user)
+        if seen is not None and ver <= seen[0]:
+            return
+        self.view[user] = (ver, message)
+        if message and message.startswith("lt:"):
+            self.stats.latencies.append(now - float(message[3:].split(":")[0]))
+
+    def _reply(self, rid: int) -> None:
+        future = self.replies.pop(rid, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def _write(self, first_byte: int, payload: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(masked(first_byte, payload))
+
+    def request(self, kind: str, value: Any) -> asyncio.Future[None]:
+        """``subscribe`` (a list of users) or ``set_message`` (a text); done on its reply."""
+        self.next_id += 1
+        rid = self.next_id
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.replies[rid] = future
+        field_name = "users" if kind == "subscribe" else "text"
+        if self.kind == "hub":
+            self._write(0x82, msgpack.packb({"type": kind, "id": rid, field_name: value}))
+        elif self.kind == "bare":
+            frame = {"type": kind, "id": rid, field_name: value}
+            self._write(0x81, json.dumps(frame).encode())
+        else:
+            self._write(0x81, f"42{rid}".encode() + json.dumps([kind, value]).encode())
+        return future
+
+
+async def open_client(kind: str, port: int, user: str, stats: Stats) -> Client:
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(lambda: Client(kind, user, stats), "127.0.0.1", port)
+    path = {
+        "hub": "/v1/ws",
+        "socketio": f"/socket.io/?EIO=4&transport=websocket&user={user}",
+        "bare": f"/?user={user}",
+    }[kind]
+    extra = ""
+    if kind == "hub":
+        token = issue_token(SECRET, tenant="bench", user=user, ttl=86400)
+        extra = f"Sec-WebSocket-Protocol: presence.v1.msgpack\r\nAuthorization: Bearer {token}\r\n"
+    key = base64.b64encode(os.urandom(16)).decode()
+    assert client.transport is not None
+    client.transport.write(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"{extra}\r\n"
+        ).encode()
+    )
+    await asyncio.wait_for(client.opened, 60)
+    return client
+
+
+# --- The servers ------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+@contextlib.contextmanager
+def server(kind: str, redis_url: str, data: Path) -> Iterator[tuple[int, int]]:
+    """The server under test on core 0: (its port, its pid)."""
+    port = free_port()
+    if kind == "hub":
+        args = [
+            sys.executable, "-m", "presence_hub", "serve", "--redis-url", redis_url,
+            "--ws-port", str(port), "--http-port", str(free_port()), "--secret", SECRET,
+            "--data-dir", str(data), "--log-level", "WARNING", "--connect-rate", "0",
+            "--rate-limit", "100000", "--rate-burst", "100000",
+        ]  # fmt: skip
+    elif kind == "socketio":
+        args = ["node", str(PEERS / "socketio.mjs"), str(port), redis_url]
+    else:
+        args = [sys.executable, str(PEERS / "bare.py"), str(port)]
+    process = subprocess.Popen(["taskset", "-c", "0", *args], cwd=PEERS)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if time.time() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"the {kind} server did not start") from None
+                time.sleep(0.1)
+        time.sleep(0.5)
+        yield port, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def install_peers() -> None:
+    if not (PEERS / "node_modules" / "socket.io").exists():
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=PEERS, check=True
+        )
+
+
+# --- One run ----------------------------------------------------------------------------
+
+
+async def connect_all(
+    kind: str, port: int, clients: int, contacts: int, seed: int, stats: Stats
+) -> tuple[dict[str, Client], dict[str, list[str]], float]:
+    users = [f"u{n}" for n in range(clients)]
+    rng = random.Random(seed)
+    watching = {u: rng.sample([v for v in users if v != u], contacts) for u in users}
+    gate = asyncio.Semaphore(200)
+    opened: dict[str, Client] = {}
+
+    async def join(user: str) -> None:
+        async with gate:
+            client = await open_client(kind, port, user, stats)
+            await asyncio.wait_for(client.request("subscribe", watching[user]), 60)
+            opened[user] = client
+
+    started = time.monotonic()
+    await asyncio.gather(*(join(u) for u in users))
+    return opened, watching, time.monotonic() - started
+
+
+async def changes(
+    opened: dict[str, Client], rate: float | None, seconds: float, seed: int
+) -> tuple[int, dict[str, str], dict[str, int]]:
+    """Messages changed at ``rate`` a second (none: 100 in flight): how many, the last
+    of each user, and how many of each."""
+    rng = random.Random(seed)
+    users = list(opened)
+    last: dict[str, str] = {}
+    count: dict[str, int] = {}
+    sent = 0
+    in_flight: set[asyncio.Future[None]] = set()
+    started = time.monotonic()
+    deadline = started + seconds
+    while time.monotonic() < deadline and sent < 10**6:
+        if rate is not None:
+            due = started + sent / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif len(in_flight) >= IN_FLIGHT:
+            _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        user = rng.choice(users)
+        text = f"lt:{time.time():.6f}:{sent}"
+        reply = opened[user].request("set_message", text)
+        in_flight.add(reply)
+        reply.add_done_callback(in_flight.discard)
+        last[user] = text
+        count[user] = count.get(user, 0) + 1
+        sent += 1
+    if in_flight:
+        await asyncio.wait(in_flight, timeout=60)
+    return sent, last, count
+
+
+async def settle(stats: Stats, quiet: float = 1.0, at_most: float = 60.0) -> None:
+    started = changed = time.monotonic()
+    seen = stats.deliveries
+    while time.monotonic() - changed < quiet and time.monotonic() - started < at_most:
+        await asyncio.sleep(0.1)
+        if stats.deliveries != seen:
+            seen, changed = stats.deliveries, time.monotonic()
+
+
+async def run_target(
+    kind: str, port: int, pid: int, seconds: float, quick: bool
+) -> list[dict[str, Any]]:
+    rows = []
+    me = psutil.Process()
+    populations = sorted({(u, k) for u, k, _ in ROWS if not quick or u == 1000})
+    for clients, contacts in populations:
+        stats = Stats()
+        cpu_before = cpu_seconds(pid)
+        opened, watching, connect_s = await connect_all(kind, port, clients, contacts, 1, stats)
+        connect_cpu = cpu_seconds(pid) - cpu_before
+        watchers: dict[str, int] = {}
+        for contacts_of in watching.values():
+            for contact in contacts_of:
+                watchers[contact] = watchers.get(contact, 0) + 1
+        rows.append({"row": f"connect {clients}x{contacts}", "seconds": round(connect_s, 2),
+                     "server_cpu_s": round(connect_cpu, 2)})  # fmt: skip
+        for u, k, rate in ROWS:
+            if (u, k) != (clients, contacts) or (quick and rate is None):
+                continue
+            await settle(stats)
+            stats.deliveries, stats.latencies = 0, []
+            server_before, me_before = cpu_seconds(pid), me.cpu_times()
+            wall = time.monotonic()
+            sent, last, count = await changes(opened, rate, seconds, seed=u + int(rate or 0))
+            await settle(stats)
+            wall = time.monotonic() - wall
+            server_cpu = cpu_seconds(pid) - server_before
+            mine = me.cpu_times()
+            generator_cpu = (mine.user + mine.system) - (me_before.user + me_before.system)
+            stale = sum(
+                contact in last and client.view.get(contact, (0, None))[1] != last[contact]
+                for client in opened.values()
+                for contact in watching[client.user]
+            )
+            # Every change is expected at each watcher of its user.
+            expected = sum(n * watchers.get(user, 0) for user, n in count.items())
+            delivered = stats.deliveries
+            lat = sorted(stats.latencies)
+            rows.append(
+                {
+                    "row": f"{u}x{k} at {'max' if rate is None else int(rate)}",
+                    "changes": sent,
+                    "changes_per_s": round(sent / seconds, 1),
+                    "delivered": delivered,
+                    "expected": expected,
+                    "stale_views": stale,
+                    "server_cpu_us_per_update": round(server_cpu / max(delivered, 1) * 1e6, 2),
+                    "server_cpu_us_per_expected": round(server_cpu / max(expected, 1) * 1e6, 2),
+                    "server_cpu_us_per_change": round(server_cpu / max(sent, 1) * 1e6, 1),
+                    "server_cpu_share": round(server_cpu / wall, 2),
+                    "generator_cpu_share": round(generator_cpu / wall, 2),
+                    "p50_ms": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
+                    "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1) if lat else None,
+                }
+            )
+            print(kind, json.dumps(rows[-1]), flush=True)
+        for client in opened.values():
+            if client.transport is not None:
+                client.transport.close()
+        await asyncio.sleep(2)
+    return rows
+
+
+def start_redis(data: Path) -> subprocess.Popen[bytes]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "1",
+            find_redis_server(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    process.port = port  # type: ignore[attr-defined]
+    time.sleep(0.5)
+    return process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per row (default 10)")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    args = parser.parse_args()
+    install_peers()
+    os.sched_setaffinity(0, {1})
+    results: dict[str, list[dict[str, Any]]] = {}
+    for kind in args.targets.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            redis = start_redis(Path(tmp))
+            try:
+                url = f"redis://127.0.0.1:{redis.port}"  # type: ignore[attr-defined]
+                with server(kind, url, Path(tmp)) as (port, pid):
+                    results[kind] = uvloop.run(
+                        run_target(kind, port, pid, args.seconds, args.quick)
+                    )
+            finally:
+                redis.terminate()
+                redis.wait(10)
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "sidebyside.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def table() -> None:
+    """The table again, from the last run's bench/results/sidebyside.json."""
+    print_table(json.loads((ROOT / "bench" / "results" / "sidebyside.json").read_text()))
+
+
+def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
+    """The table of docs/PERFORMANCE.md: CPU per expected update (connect rows: seconds)
+    with each peer's ratio to the hub, p99 latencies, what saturated, and the hub's CPU
+    per change beyond the bare server's."""
+    rows = {kind: {r["row"]: r for r in found} for kind, found in results.items()}
+    hub, node, bare = (rows.get(k, {}) for k in TARGETS)
+
+    def cell(kind: dict[str, dict[str, Any]], row: str, key: str) -> str:
+        if row not in kind or row not in hub or kind[row].get(key) is None:
+            return "-"
+        value, base = kind[row][key], hub[row][key]
+        return f"{value}" if kind is hub else f"{value} ({base / value:.2f})"
+
+    def saturated(row: str) -> str:
+        sides = [
+            f"{k} {side}"
+            for k, found in rows.items()
+            if row in found
+            for side in ("server", "generator")
+            if (found[row].get(f"{side}_cpu_share") or 0) >= 0.85
+        ]
+        return ", ".join(sides) or "none"
+
+    print("| U x K at R | hub | socket.io (hub / it) | bare (hub / it) | p99 ms hub, socket.io "
+          "| saturated | hub CPU a change beyond bare |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for row in hub:
+        key = "seconds" if row.startswith("connect") else "server_cpu_us_per_expected"
+        beyond = "-"
+        if row in bare and not row.startswith("connect"):
+            extra = hub[row]["server_cpu_us_per_change"] - bare[row]["server_cpu_us_per_change"]
+            beyond = f"{extra:.0f} us"
+        p99 = f"{hub[row].get('p99_ms', '-')}, {node.get(row, {}).get('p99_ms', '-')}"
+        print(
+            f"| {row} | {cell(hub, row, key)} | {cell(node, row, key)} | {cell(bare, row, key)} "
+            f"| {p99} | {saturated(row)} | {beyond} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
