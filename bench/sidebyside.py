@@ -11,6 +11,10 @@ expected one where the hub coalesced), and per change beyond the bare server's.
 
     bench/sidebyside.py                 the table of docs/PERFORMANCE.md
     bench/sidebyside.py --quick         a short run of the two 1,000 x 20 rows
+    bench/sidebyside.py --targets hub --profile "1000x20 at 500"
+                                        py-spy's samples of the hub during that row:
+                                        bench/results/profile.txt (collapsed stacks)
+                                        and the functions that take the most time
 
 The socket.io peer's packages are installed into bench/peers/ with npm on first use.
 Every loop is bounded in count and time; everything listens on loopback.
@@ -347,7 +351,7 @@ async def settle(stats: Stats, quiet: float = 1.0, at_most: float = 60.0) -> Non
 
 
 async def run_target(
-    kind: str, port: int, pid: int, seconds: float, quick: bool
+    kind: str, port: int, pid: int, seconds: float, quick: bool, profile: str | None = None
 ) -> list[dict[str, Any]]:
     rows = []
     me = psutil.Process()
@@ -370,7 +374,12 @@ async def run_target(
             stats.deliveries, stats.latencies = 0, []
             server_before, me_before = cpu_seconds(pid), me.cpu_times()
             wall = time.monotonic()
+            name = f"{u}x{k} at {'max' if rate is None else int(rate)}"
+            spy = start_profile(pid, seconds) if profile == name else None
             sent, last, count = await changes(opened, rate, seconds, seed=u + int(rate or 0))
+            if spy is not None:
+                await asyncio.to_thread(spy.wait)
+                summarize_profile()
             await settle(stats)
             wall = time.monotonic() - wall
             server_cpu = cpu_seconds(pid) - server_before
@@ -387,7 +396,7 @@ async def run_target(
             lat = sorted(stats.latencies)
             rows.append(
                 {
-                    "row": f"{u}x{k} at {'max' if rate is None else int(rate)}",
+                    "row": name,
                     "changes": sent,
                     "changes_per_s": round(sent / seconds, 1),
                     "delivered": delivered,
@@ -408,6 +417,55 @@ async def run_target(
                 client.transport.close()
         await asyncio.sleep(2)
     return rows
+
+
+PROFILE = ROOT / "bench" / "results" / "profile.txt"
+
+
+def start_profile(pid: int, seconds: float) -> subprocess.Popen[bytes]:
+    PROFILE.parent.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--output",
+            str(PROFILE),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "250",
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def summarize_profile(top: int = 25) -> None:
+    """The functions the samples spent the most time in, themselves and below them."""
+    own: dict[str, int] = {}
+    below: dict[str, int] = {}
+    total = 0
+    for line in PROFILE.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = [
+            f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0] for f in stack.split(";")
+        ]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            below[frame] = below.get(frame, 0) + n
+    print(f"{total} samples; by own time:")
+    for frame, n in sorted(own.items(), key=lambda x: -x[1])[:top]:
+        print(f"  {n / total:6.1%}  {frame}")
+    print("by time in and below:")
+    for frame, n in sorted(below.items(), key=lambda x: -x[1])[:top]:
+        print(f"  {n / total:6.1%}  {frame}")
 
 
 def start_redis(data: Path) -> subprocess.Popen[bytes]:
@@ -441,6 +499,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seconds", type=float, default=10.0, help="per row (default 10)")
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--profile", default=None, metavar="ROW", help='e.g. "1000x20 at 500"')
     args = parser.parse_args()
     install_peers()
     os.sched_setaffinity(0, {1})
@@ -452,7 +511,7 @@ def main() -> None:
                 url = f"redis://127.0.0.1:{redis.port}"  # type: ignore[attr-defined]
                 with server(kind, url, Path(tmp)) as (port, pid):
                     results[kind] = uvloop.run(
-                        run_target(kind, port, pid, args.seconds, args.quick)
+                        run_target(kind, port, pid, args.seconds, args.quick, args.profile)
                     )
             finally:
                 redis.terminate()
