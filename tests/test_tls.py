@@ -4,7 +4,10 @@ made with the old one stays open."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
+import io
 import ipaddress
 import signal
 import time
@@ -15,9 +18,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from rich.console import Console
 
 from presence_hub.client import HubError, PresenceClient, ProducerClient
 from presence_hub.store import EmbeddedRedis
+from presence_hub.watch import watch
 from tests.conftest import StartNode, make_token
 from tests.processes import HubProcess
 from tests.utils import eventually
@@ -127,3 +132,23 @@ async def test_sighup_loads_a_new_certificate_under_a_live_connection(
             assert before.connections == 1  # never dropped
     finally:
         hub.stop()
+
+
+async def test_watch_follows_a_hub_on_wss(start_node: StartNode, tmp_path: Path) -> None:
+    cert, key, _ = make_certificate(tmp_path, "hub")
+    node = await start_node(tls_cert=str(cert), tls_key=str(key))
+    url = f"wss://127.0.0.1:{node.ws_port}/v1/ws"
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=120)
+    watching = asyncio.create_task(
+        watch(url, make_token("bob"), ["alice"], console=console, ca_file=str(cert))
+    )
+    try:
+        await eventually(lambda: "alice offline" in out.getvalue())
+        async with PresenceClient(url, make_token("alice"), ca_file=str(cert)) as alice:
+            await alice.set_message("on TLS")
+            await eventually(lambda: "alice available on TLS" in out.getvalue())
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
