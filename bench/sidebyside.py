@@ -52,7 +52,7 @@ from presence_hub.store import find_redis_server  # noqa: E402
 from presence_hub.store.embedded import free_port  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from loadtest import masked, read_frames  # noqa: E402
+from loadtest import masked, read_frames, take_upgrade  # noqa: E402
 
 SECRET = "side-by-side-secret-side-by-side-secret"
 ROWS: list[tuple[int, int, float | None]] = [
@@ -122,15 +122,13 @@ class Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         if not self.upgraded:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
+            try:
+                self.upgraded = take_upgrade(self.buffer)
+            except ConnectionError as exc:
+                self.opened.set_exception(exc)
                 return
-            status = bytes(self.buffer[:12])
-            del self.buffer[: end + 4]
-            if b" 101" not in status:
-                self.opened.set_exception(ConnectionError(status.decode(errors="replace")))
+            if not self.upgraded:
                 return
-            self.upgraded = True
             if self.kind != "socketio":  # socket.io opens with its own packets
                 self.opened.set_result(None)
         now = time.time()

@@ -112,15 +112,13 @@ class LightClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         if not self.upgraded:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
+            try:
+                self.upgraded = take_upgrade(self.buffer)
+            except ConnectionError as exc:
+                self.handshake_done.set_exception(exc)
                 return
-            status = bytes(self.buffer[:12])
-            del self.buffer[: end + 4]
-            if b" 101" not in status:
-                self.handshake_done.set_exception(ConnectionError(status.decode(errors="replace")))
+            if not self.upgraded:
                 return
-            self.upgraded = True
             self.handshake_done.set_result(None)
         self._frames()
 
@@ -184,6 +182,19 @@ class LightClient(asyncio.Protocol):
         self.replies[rid] = future
         self.send({**frame, "id": rid})
         return await asyncio.wait_for(future, 60)
+
+
+def take_upgrade(buf: bytearray) -> bool:
+    """Whether ``buf`` holds the whole answer to the upgrade (then taken out of it);
+    ConnectionError if it refused."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    status = bytes(buf[:12])
+    del buf[: end + 4]
+    if b" 101" not in status:
+        raise ConnectionError(status.decode(errors="replace"))
+    return True
 
 
 def read_frames(buf: bytearray) -> list[tuple[int, bytes]]:
