@@ -76,8 +76,8 @@ class Settings:
     max_subscriptions: int = setting(10_000, "subscriptions on one connection")
     max_sessions_per_user: int = setting(
         20,
-        "sessions one user may hold, dropped ones within their grace included (one more "
-        "is refused: limit_exceeded, then close 1008)",
+        "sessions one user (role user) may hold, dropped ones within their grace included "
+        "(one more is refused: limit_exceeded, then close 1008)",
     )
     max_handshakes: int = setting(
         4096, "WebSocket handshakes in progress on a node (one more: HTTP 503)"

@@ -358,7 +358,11 @@ class Node:
                 conn.tenant,
                 conn.user,
                 model.SessionOpened(
-                    conn.session, conn.device, self.id, self.settings.max_sessions_per_user
+                    conn.session,
+                    conn.device,
+                    self.id,
+                    # Call servers may share one producer identity: people have the limit.
+                    self.settings.max_sessions_per_user if claims.role == "user" else None,
                 ),
             )
         except (StoreError, TimeoutError) as exc:
