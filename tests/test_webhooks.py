@@ -355,3 +355,24 @@ async def test_deliveries_go_on_through_a_redis_restart_under_load(
     expected = await truth(node, [*users, "alice"])
     await all_delivered(receiver, expected, wait=60)
     assert_delivered(receiver, expected)
+
+
+async def test_two_nodes_never_both_deliver_a_webhook(
+    start_node: StartNode, receiver: Receiver, redis: Any
+) -> None:
+    first, second = await start_node(), await start_node()
+    await register(first, receiver.url)
+    users = [f"w{n}" for n in range(4)]
+    # Load through both nodes: each node's dispatcher sees the webhook and the changes.
+    await asyncio.gather(
+        mixed_load(ws_url(first), users[:2], rounds=4),
+        mixed_load(ws_url(second), users[2:], rounds=4),
+    )
+    expected = await truth(first, users)
+    await all_delivered(receiver, expected, wait=30)
+    assert_delivered(receiver, expected)
+    # One claim, so every change went out once: no cursor came twice.
+    assert len(receiver.cursors) == len(set(receiver.cursors))
+    owner = await redis.get("ph:webhook:acme/crm:owner")
+    assert owner is not None
+    assert owner.decode() in (first.id, second.id)
