@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Final
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 #: Seconds between two fetches, whatever asks for them.
 MIN_REFETCH: Final = 5.0
 FETCH_TIMEOUT: Final = 5.0
+#: A key set is a few kilobytes; a larger answer is not one.
+MAX_DOCUMENT: Final = 1 << 20
 
 
 class JwksKeys:
@@ -71,16 +74,19 @@ class JwksKeys:
                 http.get(self.url, headers={"Accept": "application/json"}) as response,
             ):
                 response.raise_for_status()
-                document = await response.json(content_type=None)
+                body = await response.content.read(MAX_DOCUMENT + 1)
+            if len(body) > MAX_DOCUMENT:
+                raise ValueError(f"the key set is over {MAX_DOCUMENT} bytes")
+            document = json.loads(body)
+            if not isinstance(document, dict):
+                raise ValueError("the key set is not a JSON object")
             keys = jwt.PyJWKSet.from_dict(document).keys
-        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError) as exc:
-            log.warning(
-                "JWKS %s unavailable (%s): keeping %d cached keys", self.url, exc, len(self._keys)
-            )
+        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
+            # The provider's answer is input like any other: a bad one changes nothing.
+            log.warning("JWKS %s unavailable (%s): keeping the cached keys", self.url, exc)
             return
-        fresh = {
-            key.key_id: key for key in keys if key.key_id and key.public_key_use in (None, "sig")
-        }
+        # Keys for encryption, or without a kid to choose them by, verify nothing here.
+        fresh = {k.key_id: k for k in keys if k.key_id and k.public_key_use in (None, "sig")}
         if fresh.keys() != self._keys.keys():
             log.info("JWKS %s: keys %s", self.url, ", ".join(sorted(fresh)) or "none")
         self._keys = fresh

@@ -33,12 +33,16 @@ class Provider:
             "k2": ec.generate_private_key(ec.SECP256R1()),
         }
         self.published: list[str] = ["k1"]
+        #: Served instead of the key set, when set.
+        self.garbage: bytes | None = None
         self.fetches = 0
         self.url = ""
         self.runner: web.AppRunner | None = None
 
     async def keys(self, request: web.Request) -> web.Response:
         self.fetches += 1
+        if self.garbage is not None:
+            return web.Response(body=self.garbage, content_type="application/json")
         jwks = []
         for kid in self.published:
             public = self.private[kid].public_key()
@@ -155,3 +159,28 @@ async def test_a_flood_of_unknown_key_ids_fetches_the_keys_at_most_once(
     assert provider.fetches == 1
     alice = await Client.connect(ws_url(node), provider.token("k1"))
     assert alice.welcome["type"] == "welcome"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"[1, 2]",
+        b"{not json",
+        b'{"keys": "x"}',
+        b'{"keys": [{"kty": "RSA"}]}',
+        b"\xff" * 10,
+        b'{"keys": []' + b" " * (1 << 20) + b"}",
+    ],
+    ids=["a-list", "not-json", "keys-not-a-list", "a-broken-key", "not-utf8", "over-1-MiB"],
+)
+async def test_a_provider_answering_garbage_changes_nothing(
+    start_node: StartNode, provider: Provider, garbage: bytes
+) -> None:
+    jwks = JwksKeys(provider.url, min_refetch=0.0)
+    node = await start_node(tokens=TokenVerifier(jwks=jwks))
+    alice = await Client.connect(ws_url(node), provider.token("k1"))
+    provider.garbage = garbage
+    await jwks.fetch()
+    assert jwks.get("k1") is not None  # the cached keys stay
+    await Client.connect(ws_url(node), provider.token("k1", user="bob"))
+    assert (await alice.request({"type": "query", "users": ["bob"]}))["type"] == "snapshot"
