@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -357,8 +358,13 @@ async def run_target(
     for clients, contacts in populations:
         stats = Stats()
         cpu_before = cpu_seconds(pid)
+        spy = start_profile(pid, 30) if profile == f"connect {clients}x{contacts}" else None
         opened, watching, connect_s = await connect_all(kind, port, clients, contacts, 1, stats)
         connect_cpu = cpu_seconds(pid) - cpu_before
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it has when interrupted
+            await asyncio.to_thread(spy.wait)
+            summarize_profile()
         watchers: dict[str, int] = {}
         for contacts_of in watching.values():
             for contact in contacts_of:
@@ -497,7 +503,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seconds", type=float, default=10.0, help="per row (default 10)")
     parser.add_argument("--targets", default=",".join(TARGETS))
-    parser.add_argument("--profile", default=None, metavar="ROW", help='e.g. "1000x20 at 500"')
+    parser.add_argument(
+        "--profile", default=None, metavar="ROW", help='e.g. "1000x20 at 500", "connect 5000x50"'
+    )
     args = parser.parse_args()
     install_peers()
     os.sched_setaffinity(0, {1})
