@@ -12,7 +12,8 @@
     bench/bench.py floor       the kernel's CPU cost of one loopback send(), without any hub
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
                                state, packing a commit command (redis-py's packer and hiredis'),
-                               packing a state and decoding a stored view (msgpack and msgspec)
+                               packing a state and decoding a stored view (msgpack and msgspec),
+                               a script call through redis-py's pool and on a held connection
     bench/bench.py feed        the change feed's cost: CPU and Redis memory per change with it
                                on and off, and the delay from a change to its webhook
     bench/bench.py instructions
@@ -492,7 +493,41 @@ def micro(count: int = 20000) -> dict[str, Any]:
         "pack_state_msgspec_us": per_call(lambda n: codec.pack(state_map)),
         "decode_view_msgpack_us": per_call(lambda n: _view_by_hand(msgpack.unpackb(frame))),
         "decode_view_msgspec_us": per_call(lambda n: decode_view(frame)),
+        **asyncio.run(_script_round_trips(count // 4)),
     }
+
+
+async def _script_round_trips(count: int) -> dict[str, float]:
+    """CPU microseconds of one script call to a local Redis: in a pipeline through
+    redis-py's pool (as the hub commits), and on a connection held by the caller."""
+    from redis.asyncio import Redis
+
+    from presence_hub.store.clients import open_redis
+
+    with tempfile.TemporaryDirectory() as data:
+        redis = EmbeddedRedis(Path(data), port=free_port())
+        redis.start()
+        client = open_redis(redis.url)
+        assert isinstance(client, Redis)
+        try:
+            sha = await client.script_load("return 1")
+            started = time.process_time()
+            for _ in range(count):
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.execute_command("EVALSHA", sha, 0)
+                    await pipe.execute()
+            pooled = (time.process_time() - started) / count * 1e6
+            held = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            started = time.process_time()
+            for _ in range(count):
+                await held.send_packed_command(held.pack_command("EVALSHA", sha, 0))
+                await held.read_response()
+            own = (time.process_time() - started) / count * 1e6
+            await client.connection_pool.release(held)
+        finally:
+            await client.aclose()
+            redis.stop()
+    return {"script_call_pooled_us": round(pooled, 1), "script_call_held_us": round(own, 1)}
 
 
 def run(scenario: str) -> Any:
