@@ -136,7 +136,7 @@ class TokenVerifier:
                     raise AuthError(f"invalid token: {exc}") from exc
             except jwt.ExpiredSignatureError as exc:
                 raise AuthError("token expired") from exc
-            except jwt.InvalidTokenError as exc:
+            except jwt.PyJWTError as exc:  # InvalidKeyError too: never an escaping error
                 raise AuthError(f"invalid token: {exc}") from exc
         return _claims(payload)
 
@@ -160,6 +160,8 @@ def _header(token: str) -> tuple[str, str | None]:
 
 
 def _fits(alg: str, key: Any) -> bool:
+    if alg == "ES256" and isinstance(key, ec.EllipticCurvePublicKey):
+        return isinstance(key.curve, ec.SECP256R1)  # ES256 is P-256 only
     return isinstance(key, ALGORITHMS[alg])
 
 
@@ -205,10 +207,10 @@ def issue_token(
 
 
 def _signing_algorithm(key: Any) -> str:
-    for alg, kind in ALGORITHMS.items():
-        if alg != "HS256" and isinstance(key.public_key(), kind):
+    for alg in ALGORITHMS:
+        if alg != "HS256" and _fits(alg, key.public_key()):
             return alg
-    raise ValueError("the private key must be RSA, EC (P-256) or Ed25519")
+    raise ValueError("the private key must be RSA, EC P-256 or Ed25519")
 
 
 def load_public_key(path: Path) -> Any:

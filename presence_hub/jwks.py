@@ -48,8 +48,11 @@ class JwksKeys:
     async def find(self, kid: str) -> jwt.PyJWK | None:
         """The key of ``kid``, fetching the set again if it is unknown and the last
         fetch is old enough."""
-        if kid not in self._keys and time.monotonic() - self._last_attempt >= self.min_refetch:
-            await self.fetch()
+        if kid not in self._keys:
+            if self._fetching is not None and not self._fetching.done():
+                await asyncio.shield(self._fetching)  # a fetch under way may bring it
+            elif time.monotonic() - self._last_attempt >= self.min_refetch:
+                await self.fetch()
         return self._keys.get(kid)
 
     async def fetch(self) -> None:

@@ -157,3 +157,13 @@ async def test_issuer_and_audience_are_checked_when_configured() -> None:
             await tokens.verify(issue_token(SECRET, tenant="acme", user="alice", claims=claims))
     # Without an audience configured, a token's aud (every IdP sets one) is no reason to refuse.
     assert (await TokenVerifier([SECRET]).verify(token)).user == "alice"
+
+
+async def test_a_key_of_the_wrong_curve_verifies_nothing_and_signs_nothing(tmp_path: Path) -> None:
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    tokens = TokenVerifier(public_keys={"k1": p384.public_key()})
+    token = issue_token(PRIVATE_KEYS["ES256"], tenant="acme", user="alice", kid="k1")
+    with pytest.raises(AuthError, match="no key"):
+        await tokens.verify(token)
+    with pytest.raises(ValueError, match="RSA, EC P-256 or Ed25519"):
+        issue_token(p384, tenant="acme", user="alice")

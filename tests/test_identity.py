@@ -4,6 +4,7 @@ ids; the WebSocket handshake, the ``auth`` frame and the HTTP API verify alike."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,12 +36,15 @@ class Provider:
         self.published: list[str] = ["k1"]
         #: Served instead of the key set, when set.
         self.garbage: bytes | None = None
+        #: Seconds each answer takes.
+        self.delay = 0.0
         self.fetches = 0
         self.url = ""
         self.runner: web.AppRunner | None = None
 
     async def keys(self, request: web.Request) -> web.Response:
         self.fetches += 1
+        await asyncio.sleep(self.delay)
         if self.garbage is not None:
             return web.Response(body=self.garbage, content_type="application/json")
         jwks = []
@@ -184,3 +188,19 @@ async def test_a_provider_answering_garbage_changes_nothing(
     assert jwks.get("k1") is not None  # the cached keys stay
     await Client.connect(ws_url(node), provider.token("k1", user="bob"))
     assert (await alice.request({"type": "query", "users": ["bob"]}))["type"] == "snapshot"
+
+
+async def test_tokens_of_a_new_key_arriving_together_share_one_fetch(
+    start_node: StartNode, provider: Provider
+) -> None:
+    jwks = JwksKeys(provider.url, min_refetch=1.0)
+    node = await start_node(tokens=TokenVerifier(jwks=jwks))
+    await asyncio.sleep(1.0)  # past the start's fetch by the least time between fetches
+    provider.published, provider.delay = ["k1", "k2"], 0.3
+    fetched = provider.fetches
+    # The first starts the fetch; the others wait for it rather than being refused.
+    clients = await asyncio.gather(
+        *(Client.connect(ws_url(node), provider.token("k2", user=f"u{n}")) for n in range(5))
+    )
+    assert all(c.welcome["type"] == "welcome" for c in clients)
+    assert provider.fetches == fetched + 1
