@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, ResponseError
 
@@ -49,25 +50,75 @@ async def test_a_redis_that_lost_its_scripts_is_given_them_again(redis: Redis) -
     assert await calls_made(redis) == 3
 
 
-async def test_the_calls_of_one_pass_share_one_round_trip(redis: Redis) -> None:
+async def test_the_calls_of_one_pass_share_one_round_trip(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await redis.delete("calls")
-    pipelines = 0
-    pipeline = redis.pipeline
+    await redis.script_load(ECHO)
+    writes = 0
+    send = AbstractConnection.send_packed_command
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal pipelines
-        pipelines += 1
-        return pipeline(*args, **kwargs)
+    async def counted(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
+        nonlocal writes
+        writes += 1
+        await send(self, *args, **kwargs)
 
-    redis.pipeline = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
     batcher = ScriptBatcher(redis)
     futures = [batcher(echo(redis, f"w{n}")) for n in range(50)]
     assert await asyncio.gather(*futures) == [f"w{n}".encode() for n in range(50)]
-    assert pipelines == 1
-    # A call of a later pass goes in a pipeline of its own.
+    assert writes == 1
+    # A call of a later pass goes in a round trip of its own.
     assert await batcher(echo(redis, "later")) == b"later"
-    assert pipelines == 2
+    assert writes == 2
     assert await calls_made(redis) == 51
+
+
+BUSY = """
+local started = redis.call('TIME')
+repeat
+    local now = redis.call('TIME')
+until (now[1] - started[1]) * 1000000 + (now[2] - started[2]) >= 300000
+return 'slow'
+"""
+
+
+async def test_calls_made_while_a_batch_is_answered_go_together_in_the_next(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await redis.delete("calls")
+    for script in (BUSY, ECHO):
+        await redis.script_load(script)
+    writes = 0
+    send = AbstractConnection.send_packed_command
+
+    async def counted(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
+        nonlocal writes
+        writes += 1
+        await send(self, *args, **kwargs)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    batcher = ScriptBatcher(redis)
+    # Redis takes 0.3 s over the first call, while calls of twenty later passes arrive.
+    slow = batcher((AsyncScript(cast("Redis", redis), BUSY), [], []))
+    later = []
+    for n in range(20):
+        await asyncio.sleep(0)
+        later.append(batcher(echo(redis, f"l{n}")))
+    assert await slow == b"slow"
+    assert await asyncio.gather(*later) == [f"l{n}".encode() for n in range(20)]
+    assert writes == 2
+    assert await calls_made(redis) == 20
+
+
+async def test_a_held_connection_that_redis_dropped_is_replaced(redis: Redis) -> None:
+    await redis.delete("calls")
+    batcher = ScriptBatcher(redis)
+    assert await batcher(echo(redis, "before")) == b"before"
+    # Redis closes every client's connection, as a restart does.
+    await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert await batcher(echo(redis, "after")) == b"after"
+    assert await calls_made(redis) == 2
 
 
 async def test_an_error_of_one_call_reaches_its_caller_only(redis: Redis) -> None:
