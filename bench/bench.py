@@ -7,7 +7,7 @@
     bench/bench.py connect     10,000 clients connect and subscribe to 50 contacts each,
                                against a hub of one worker process, then of two
     bench/bench.py idle        10,000 idle connections: hub memory per connection
-    bench/bench.py cores       1,000 changes per second with --workers 1 and 2
+    bench/bench.py cores       1,000 changes per second with --workers 1, 2, and 2 on a relay
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
     bench/bench.py floor       the kernel's CPU cost of one loopback send(), without any hub
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
@@ -162,13 +162,19 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report[k] for k in keys}
 
 
-def fanout(rates: list[float], workers: int = 1, clients: int = 5000) -> list[dict[str, Any]]:
+def fanout(
+    rates: list[float], workers: int = 1, clients: int = 5000, relays: int = 0
+) -> list[dict[str, Any]]:
     """One fresh hub per rate, so that a saturated run leaves no backlog to the next."""
     rows = []
     for rate in rates:
-        with hub("--workers", str(workers)) as (ws, http, procs):
-            report = loadtest(ws, http, procs, *fanout_args(rate, clients))
-        rows.append(summary(report))
+        with hub("--workers", str(workers), "--relays", str(relays)) as (ws, http, procs):
+            redis = [c for c in procs[0].children() if "redis-server" in c.name()]
+            args = [a for r in redis for a in ("--redis-pid", str(r.pid))]
+            report = loadtest(ws, http, procs, *fanout_args(rate, clients), *args)
+        rows.append(
+            {**summary(report), "redis_cpu_us_per_change": report["redis_cpu_us_per_change"]}
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -537,7 +543,11 @@ def run(scenario: str) -> Any:
         "ingest": ingest,
         "connect": lambda: {f"workers_{n}": connect_storm(n) for n in (1, 2)},
         "idle": idle,
-        "cores": lambda: {"workers_1": fanout([1000]), "workers_2": fanout([1000], workers=2)},
+        "cores": lambda: {
+            "workers_1": fanout([1000]),
+            "workers_2": fanout([1000], workers=2),
+            "workers_2_relays_1": fanout([1000], workers=2, relays=1),
+        },
         "nodes": nodes,
         "floor": send_floor,
         "micro": micro,

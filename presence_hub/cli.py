@@ -21,6 +21,7 @@ from typing import Any, cast
 from urllib.parse import urlencode
 
 from prometheus_client.multiprocess import mark_process_dead
+from redis.asyncio import Redis
 
 from presence_hub.auth import (
     ROLES,
@@ -34,6 +35,7 @@ from presence_hub.config import Settings
 from presence_hub.errors import PresenceHubError
 from presence_hub.jwks import JwksKeys
 from presence_hub.metrics import MULTIPROCESS_DIR
+from presence_hub.relay import Relay
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis
 from presence_hub.store.clients import open_redis
@@ -122,7 +124,7 @@ def serve(settings: Settings) -> None:
     secrets = hub_secrets(settings)
     tokens(settings, secrets)  # a bad key file or algorithm fails here, before any worker
     try:
-        if settings.workers > 1:
+        if settings.workers > 1 or settings.relays:
             _serve_workers(settings, url, secrets)
         else:
             asyncio.run(_serve(settings, url, secrets))
@@ -153,9 +155,31 @@ def tokens(settings: Settings, secrets: list[str]) -> TokenVerifier:
     )
 
 
-def _worker(settings: Settings, url: str, secrets: list[str]) -> None:
+def _worker(settings: Settings, url: str, secrets: list[str], relays: list[Path]) -> None:
     _configure_logging(settings)
-    asyncio.run(_serve(settings, url, secrets))
+    asyncio.run(_serve(settings, url, secrets, relays))
+
+
+def _relay(settings: Settings, url: str, path: Path) -> None:
+    _configure_logging(settings)
+    asyncio.run(_serve_relay(url, path))
+
+
+async def _serve_relay(url: str, path: Path) -> None:
+    redis = open_redis(url, max_connections=4, listener=True)
+    relay = asyncio.current_task()
+    assert relay is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.cancel)
+    # The workers' SIGHUP (new TLS files) is not the relay's business.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    try:
+        await Relay(redis, path).run()
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await redis.aclose()
 
 
 def _serve_workers(settings: Settings, url: str, secrets: list[str]) -> None:
@@ -172,31 +196,62 @@ def _serve_workers(settings: Settings, url: str, secrets: list[str]) -> None:
 
 
 def _run_workers(settings: Settings, url: str, secrets: list[str]) -> None:
+    """The workers, and their relays (``presence_hub.relay``) on Unix sockets of a
+    directory of this run's own. A relay that dies is started again (its workers
+    listen again and resync); the relays stop once every worker has."""
     ctx = multiprocessing.get_context("spawn")
-    workers = [
-        ctx.Process(target=_worker, args=(settings, url, secrets), name=f"presence-hub-{n}")
-        for n in range(settings.workers)
-    ]
-    for worker in workers:
-        worker.start()
-    log.info("%d workers on ws port %d", len(workers), settings.ws_port)
+    with tempfile.TemporaryDirectory(prefix="presence-hub-relays-") as relay_dir:
+        paths = [Path(relay_dir, f"relay-{n}.sock") for n in range(settings.relays)]
 
-    def forward(signum: int, frame: object) -> None:
+        def relay(path: Path) -> multiprocessing.process.BaseProcess:
+            process = ctx.Process(target=_relay, args=(settings, url, path), name=path.stem)
+            process.start()
+            return process
+
+        relays = {path: relay(path) for path in paths}
+        workers = [
+            ctx.Process(
+                target=_worker, args=(settings, url, secrets, paths), name=f"presence-hub-{n}"
+            )
+            for n in range(settings.workers)
+        ]
         for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+            worker.start()
+        log.info("%d workers on ws port %d, %d relays", len(workers), settings.ws_port, len(relays))
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    running = {worker.sentinel: worker for worker in workers}
-    while running:
-        for sentinel in multiprocessing.connection.wait(list(running)):
-            worker = running.pop(cast(int, sentinel))
-            worker.join()
-            # Its sockets are gone: their count leaves the node's gauges.
-            mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
-            if running and worker.exitcode != 0:
-                log.error("worker %s exited with %s", worker.name, worker.exitcode)
+        def forward(signum: int, frame: object) -> None:
+            for worker in workers:
+                if worker.pid is not None and worker.is_alive():
+                    os.kill(
+                        worker.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
+                    )
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        running = {worker.sentinel: worker for worker in workers}
+        while running:
+            sentinels = [*running, *(r.sentinel for r in relays.values())]
+            for sentinel in multiprocessing.connection.wait(sentinels):
+                for path, process in relays.items():
+                    if process.sentinel == sentinel:
+                        process.join()
+                        log.error(
+                            "relay %s exited with %s; starting it again",
+                            path.name,
+                            process.exitcode,
+                        )
+                        relays[path] = relay(path)
+                        break
+                else:
+                    worker = running.pop(cast(int, sentinel))
+                    worker.join()
+                    # Its sockets are gone: their count leaves the node's gauges.
+                    mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+                    if running and worker.exitcode != 0:
+                        log.error("worker %s exited with %s", worker.name, worker.exitcode)
+        for process in relays.values():
+            process.terminate()
+            process.join()
 
 
 def _tune_gc() -> None:
@@ -211,13 +266,25 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-async def _serve(settings: Settings, url: str, secrets: list[str]) -> None:
+async def _serve(
+    settings: Settings, url: str, secrets: list[str], relays: Sequence[Path] = ()
+) -> None:
     _tune_gc()
     redis = open_redis(url)
     # The listener must see every disconnect, to resync after it: no silent retries.
     pubsub_redis = open_redis(url, max_connections=4, listener=True)
     lease_redis = open_redis(url, max_connections=2)
-    node = Node(settings, redis, pubsub_redis, tokens(settings, secrets), lease_redis=lease_redis)
+    relay_clients = [
+        open_redis(f"unix://{path}", max_connections=4, listener=True) for path in relays
+    ]
+    node = Node(
+        settings,
+        redis,
+        pubsub_redis,
+        tokens(settings, secrets),
+        lease_redis=lease_redis,
+        relays=cast("list[Redis]", relay_clients),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,7 +294,7 @@ async def _serve(settings: Settings, url: str, secrets: list[str]) -> None:
     await stop.wait()
     log.info("shutting down")
     await node.stop()
-    for client in (redis, pubsub_redis, lease_redis):
+    for client in (redis, pubsub_redis, lease_redis, *relay_clients):
         await client.aclose()
 
 

@@ -129,5 +129,11 @@ class Settings:
     workers: int = setting(
         1, "worker processes on the same ports (SO_REUSEPORT), each a node of its own"
     )
+    relays: int = setting(
+        0,
+        "with --workers: processes that listen on Redis for the workers, each for a slice "
+        "of the users, so that an update reaches the node once (0: each worker listens "
+        "for itself)",
+    )
     log_json: bool = setting(False, "log one JSON object per line")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")

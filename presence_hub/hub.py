@@ -16,8 +16,10 @@ import asyncio
 import logging
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from redis.asyncio import Redis
 
 from presence_hub import codec
 from presence_hub.delivery import STORM_RATE, Connection, Flusher, Update
@@ -43,10 +45,12 @@ class Hub:
         metrics: Metrics,
         *,
         storm_rate: int = STORM_RATE,
+        relays: Sequence[Redis] = (),
     ) -> None:
+        """``relays``: the node's relays to listen to instead of Redis (``presence_hub.relay``)."""
         self.store = store
         self.metrics = metrics
-        self.listener = Listener(listen_redis, self._deliver, self._relistened)
+        self.listener = Listener(listen_redis, self._deliver, self._relistened, relays=relays)
         #: presence channel -> local connections watching that user
         self._watchers: dict[str, set[Connection]] = {}
         #: tenant -> watched user -> (the user id, interned; its channel; the same set

@@ -19,6 +19,7 @@ from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
+from redis.asyncio import Redis
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -68,8 +69,10 @@ class Node:
         tokens: TokenVerifier,
         *,
         lease_redis: RedisClient | None = None,
+        relays: Sequence[Redis] = (),
     ) -> None:
-        """``lease_redis``, when given, carries the node's lease renewals."""
+        """``lease_redis``, when given, carries the node's lease renewals; ``relays``,
+        when given, are listened to instead of Redis (``presence_hub.relay``)."""
         self.settings = settings
         self.tokens = tokens
         self.id = uuid.uuid4().hex[:12]
@@ -82,7 +85,9 @@ class Node:
         self.registry = NodeRegistry(
             redis, self.id, settings.lease, lease_redis=lease_redis, batcher=self.store.batcher
         )
-        self.hub = Hub(self.store, pubsub_redis, self.metrics, storm_rate=settings.storm_rate)
+        self.hub = Hub(
+            self.store, pubsub_redis, self.metrics, storm_rate=settings.storm_rate, relays=relays
+        )
         self.webhooks = Webhooks(redis, self.store.feed)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()

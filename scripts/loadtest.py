@@ -680,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hub-pid", type=int, action="append", default=[], help="hub process(es) to measure"
     )
+    parser.add_argument(
+        "--redis-pid", type=int, action="append", default=[], help="Redis process(es) to measure"
+    )
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--plot", help="write a PNG of latency and throughput over time here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -729,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(opts.workers)
     ]
     hub = hub_processes(opts.hub_pid)
+    redis = hub_processes(opts.redis_pid) if opts.redis_pid else []
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     for w in workers:
@@ -753,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hub_latency_before = asyncio.run(hub_settled_buckets(shared["http_url"]))
     cpu_before, load_started = cpu_seconds(hub), time.time()
+    redis_cpu_before = cpu_seconds(redis)
     go.set()
     expected = int(min(opts.rate * opts.duration, opts.max_changes))
     bar = tqdm(total=expected, desc="changes", unit="chg", disable=opts.quiet)
@@ -788,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     # Deliveries keep arriving after the last change when the hub is behind: count the whole run.
     load_seconds = time.time() - load_started
     cpu_used = cpu_seconds(hub) - cpu_before
+    redis_cpu_used = cpu_seconds(redis) - redis_cpu_before
     memory = rss_bytes(hub)
     hub_latency = bucket_quantiles(hub_latency_before, hub_latency_after)
 
@@ -815,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     if stale:
         errors[f"incomplete: {stale} of {checked} contact views differ from the hub"] += 1
 
+    changes = sum(r["changes_sent"] for r in merged)
     report = {
         "clients": opts.clients,
         "connected": sum(r["connected"] for r in merged),
@@ -849,6 +856,9 @@ def main(argv: list[str] | None = None) -> int:
         "hub_cpu_seconds": round(cpu_used, 3),
         "hub_cpu_us_per_delivery": round(cpu_used / deliveries * 1e6, 2) if deliveries else None,
         "hub_rss_mib": round(memory / 2**20, 1),
+        "redis_cpu_us_per_change": (
+            round(redis_cpu_used / changes * 1e6, 1) if redis and changes else None
+        ),
         "hub_cpu_share": round(cpu_used / load_seconds, 2),
         "load_generator_cpu_share": [round(r["cpu_share"], 2) for r in merged],
         "errors": dict(errors),

@@ -154,7 +154,8 @@ async def node_starter(
         main = open_redis(url)
         listener = open_redis(url, max_connections=4, listener=True)
         tokens = overrides.pop("tokens", None) or TokenVerifier([SECRET])
-        node = Node(replace(settings, **overrides), main, listener, tokens)
+        relays = overrides.pop("relays", ())
+        node = Node(replace(settings, **overrides), main, listener, tokens, relays=relays)
         try:
             await node.start()
         except BaseException:

@@ -100,7 +100,7 @@ async def test_calls_made_while_a_batch_is_answered_go_together_in_the_next(
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
     batcher = ScriptBatcher(redis)
     # Redis takes 0.3 s over the first call, while calls of twenty later passes arrive.
-    slow = batcher((AsyncScript(cast("Redis", redis), BUSY), [], []))
+    slow = batcher((AsyncScript(redis, BUSY), [], []))
     later = []
     for n in range(20):
         await asyncio.sleep(0)
@@ -116,7 +116,7 @@ async def test_a_held_connection_that_redis_dropped_is_replaced(redis: Redis) ->
     batcher = ScriptBatcher(redis)
     assert await batcher(echo(redis, "before")) == b"before"
     # Redis closes every client's connection, as a restart does.
-    await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    await redis.client_kill_filter(_type="normal", skipme=True)
     assert await batcher(echo(redis, "after")) == b"after"
     assert await calls_made(redis) == 2
 

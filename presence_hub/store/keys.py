@@ -22,6 +22,7 @@ from presence_hub.ids import TenantId, UserId
 __all__ = [
     "PARTITIONS",
     "channel_member",
+    "channel_partition",
     "corrupt_key",
     "event_key",
     "key_slot",
@@ -57,6 +58,16 @@ def _tags() -> tuple[str, ...]:
         tags.setdefault(key_slot(tag) * PARTITIONS // CLUSTER_SLOTS, tag)
         candidate += 1
     return tuple(tags[n] for n in range(PARTITIONS))
+
+
+@functools.cache
+def _partitions_by_tag() -> dict[str, int]:
+    return {tag: n for n, tag in enumerate(_tags())}
+
+
+def channel_partition(channel: str) -> int:
+    """The partition of a presence or self channel's user."""
+    return _partitions_by_tag()[channel[channel.index("{") + 1 : channel.index("}")]]
 
 
 def member(tenant: TenantId, user: UserId) -> str:

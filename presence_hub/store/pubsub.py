@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
 from redis.asyncio import Redis, RedisCluster
@@ -138,13 +138,21 @@ class Listener:
         redis: RedisClient,
         on_message: Callable[[str, bytes], None],
         on_relisten: Callable[[], None],
+        *,
+        relays: Sequence[Redis] = (),
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
+        """``relays``, when given, are listened to instead of Redis, channels split
+        between them by partition (``presence_hub.relay``). ``on_lost`` is called when
+        a listening connection fails."""
         #: Where the listening connections come from: its pool's settings on a single
         #: Redis, its map of slots to servers on a cluster.
         self._redis = redis
-        self._sharded = isinstance(redis, RedisCluster)
+        self._relays = relays
+        self._sharded = isinstance(redis, RedisCluster) and not relays
         self._on_message = on_message
         self._on_relisten = on_relisten
+        self._on_lost = on_lost
         #: Every channel listened to (subscribed again after an outage).
         self.channels: set[str] = set()
         self._confirmed: dict[str, asyncio.Future[None]] = {}
@@ -218,6 +226,8 @@ class Listener:
                     backoff = min(backoff * 2, 2.0)
                 self._ready.clear()
                 await self._close_shards()
+                if self._on_lost is not None:
+                    self._on_lost()
                 await asyncio.sleep(backoff)
         finally:
             self._ready.clear()
@@ -235,7 +245,10 @@ class Listener:
     async def _listen_everywhere(self) -> None:
         """Connect to every server that serves a channel and subscribe there; then the
         listener is ready."""
-        if isinstance(self._redis, RedisCluster):
+        if self._relays:
+            for n in range(len(self._relays)):
+                self._shard_for(None, n)  # listen even before anyone watches
+        elif isinstance(self._redis, RedisCluster):
             # The client's own start (once), then a fresh map of slots to servers.
             await self._redis.initialize()
             await self._redis.nodes_manager.initialize()
@@ -275,15 +288,20 @@ class Listener:
             groups[self._shard_for(channel)].append(channel)
         return groups
 
-    def _shard_for(self, channel: str | None) -> _Shard:
+    def _shard_for(self, channel: str | None, relay: int = 0) -> _Shard:
         # The flag set once, not isinstance() per channel: RedisCluster's metaclass is a
         # typing protocol's, whose check costs ten times a plain class's.
-        if self._sharded:
+        kind: type[AbstractConnection]
+        if self._relays:
+            if channel is not None:
+                relay = keys.channel_partition(channel) % len(self._relays)
+            pool = self._relays[relay].connection_pool
+            name, kind, settings = f"relay{relay}", pool.connection_class, pool.connection_kwargs
+        elif self._sharded:
             assert channel is not None
             nodes = cast(RedisCluster, self._redis).nodes_manager
             node = nodes.get_node_from_slot(keys.key_slot(_tag(channel)))
-            name, settings = node.name, node.connection_kwargs
-            kind: type[AbstractConnection] = node.connection_class
+            name, kind, settings = node.name, node.connection_class, node.connection_kwargs
         else:
             pool = cast(Redis, self._redis).connection_pool
             name, kind, settings = "redis", pool.connection_class, pool.connection_kwargs
