@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -209,6 +210,7 @@ def _run_workers(settings: Settings, url: str, secrets: list[str]) -> None:
             return process
 
         relays = {path: relay(path) for path in paths}
+        _wait_for_relays(relays)
         workers = [
             ctx.Process(
                 target=_worker, args=(settings, url, secrets, paths), name=f"presence-hub-{n}"
@@ -252,6 +254,16 @@ def _run_workers(settings: Settings, url: str, secrets: list[str]) -> None:
         for process in relays.values():
             process.terminate()
             process.join()
+
+
+def _wait_for_relays(relays: dict[Path, multiprocessing.process.BaseProcess]) -> None:
+    """Until every relay listens on its socket, so that workers find them at once
+    (a worker that does not retries, as after an outage)."""
+    deadline = time.monotonic() + 30
+    while not all(path.exists() or not p.is_alive() for path, p in relays.items()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
 
 
 def _tune_gc() -> None:

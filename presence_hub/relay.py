@@ -51,14 +51,21 @@ class Relay:
         self._pending: set[_Link] = set()
 
     async def run(self) -> None:
-        """Serve workers until cancelled."""
+        """Serve workers until cancelled: the socket appears once the relay listens on
+        Redis."""
         loop = asyncio.get_running_loop()
-        self.path.unlink(missing_ok=True)
-        server = await loop.create_unix_server(lambda: _Link(self), str(self.path))
+        listening = loop.create_task(self.listener.run())
+        server: asyncio.Server | None = None
         try:
-            await self.listener.run()
+            await self.listener.wait_ready()
+            self.path.unlink(missing_ok=True)
+            server = await loop.create_unix_server(lambda: _Link(self), str(self.path))
+            await listening
         finally:
-            server.close()
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+            if server is not None:
+                server.close()
             for link in list(self._all):
                 link.close()
             self.path.unlink(missing_ok=True)
