@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import psutil
@@ -500,6 +500,7 @@ def micro(count: int = 20000) -> dict[str, Any]:
         "decode_view_msgpack_us": per_call(lambda n: _view_by_hand(msgpack.unpackb(frame))),
         "decode_view_msgspec_us": per_call(lambda n: decode_view(frame)),
         **asyncio.run(_script_round_trips(count // 4)),
+        **asyncio.run(_take_in(count * 2)),
     }
 
 
@@ -534,6 +535,137 @@ async def _script_round_trips(count: int) -> dict[str, float]:
             await client.aclose()
             redis.stop()
     return {"script_call_pooled_us": round(pooled, 1), "script_call_held_us": round(own, 1)}
+
+
+PUBLISHER = """
+import sys, redis
+from presence_hub import codec
+r = redis.Redis.from_url(sys.argv[1])
+frame = codec.sealed(1.0, codec.pack({"type": "presence", "user": "u", "status": "busy",
+    "message": "in a meeting until noon", "since": 1.0, "ver": 7}))
+channels = sys.argv[3].split(",")
+for start in range(0, int(sys.argv[2]), 50):
+    pipe = r.pipeline(transaction=False)
+    for n in range(start, start + 50):
+        pipe.publish(channels[n % len(channels)], frame)
+    pipe.execute()
+"""
+
+
+class _Heard:
+    """Counts what a listener heard, unsealed as the hub unseals it, until ``expected``."""
+
+    def __init__(self, expected: int, *, unseal: bool = True) -> None:
+        from presence_hub.delivery import Update
+
+        self.expected, self.count, self.done = expected, 0, asyncio.Event()
+        self._unseal = Update.published if unseal else None
+
+    def __call__(self, channel: str, data: bytes) -> None:
+        if self._unseal is not None:
+            self._unseal(data)
+        self.count += 1
+        if self.count == self.expected:
+            self.done.set()
+
+
+async def _publish(url: str, count: int, channels: list[str]) -> None:
+    publisher = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PUBLISHER, url, str(count), ",".join(channels)
+    )
+    await publisher.wait()
+
+
+async def _take_in(count: int) -> dict[str, float]:
+    """CPU microseconds for a worker to take in one published update (read, parsed and
+    unsealed: ``Update.published``), heard from Redis, and heard from a relay
+    (``presence_hub.relay``, in a process of its own) that forwards a loop pass's
+    updates in one message; the relay's own; Redis' to publish one, and to send it to
+    one more subscriber. The publisher is a process of its own, pipelining."""
+    import multiprocessing
+
+    from redis.asyncio import Redis
+
+    from presence_hub import cli
+    from presence_hub.config import Settings
+    from presence_hub.store.clients import open_redis
+    from presence_hub.store.keys import presence_channel
+    from presence_hub.store.pubsub import Listener
+
+    channels = [presence_channel("acme", f"u{n}") for n in range(1000)]
+    result: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as data:
+        redis = EmbeddedRedis(Path(data), port=free_port())
+        redis.start()
+        relay_path = Path(data, "relay.sock")
+        relay = multiprocessing.get_context("spawn").Process(
+            target=cli._relay, args=(Settings(log_level="WARNING"), redis.url, relay_path)
+        )
+        relay.start()
+        try:
+            info = open_redis(redis.url)
+            redis_proc = psutil.Process((await info.info("server"))["process_id"])
+            await info.aclose()
+            result.update(await _redis_per_subscriber(redis.url, channels, count, redis_proc))
+            relay_proc = psutil.Process(relay.pid)
+            for source in ("redis", "relay"):
+                heard = _Heard(count)
+                listen = open_redis(redis.url, max_connections=4, listener=True)
+                relays = [cast(Redis, open_redis(f"unix://{relay_path}", listener=True))]
+                listener = Listener(
+                    listen, heard, lambda: None, relays=relays if source == "relay" else []
+                )
+                task = asyncio.create_task(listener.run())
+                await asyncio.wait_for(listener.wait_ready(), 60)
+                await listener.subscribe(channels)
+                started, relay_started = time.process_time(), cpu_seconds([relay_proc])
+                await asyncio.gather(_publish(redis.url, count, channels), heard.done.wait())
+                result[f"take_in_from_{source}_us"] = round(
+                    (time.process_time() - started) / count * 1e6, 1
+                )
+                if source == "relay":
+                    relay_cpu = cpu_seconds([relay_proc]) - relay_started
+                    result["relay_us_per_update"] = round(relay_cpu / count * 1e6, 1)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                for client in (listen, *relays):
+                    await client.aclose()
+        finally:
+            relay.terminate()
+            relay.join()
+            redis.stop()
+    return result
+
+
+async def _redis_per_subscriber(
+    url: str, channels: list[str], count: int, redis_proc: psutil.Process
+) -> dict[str, float]:
+    """Redis' CPU microseconds to publish one update, and to send it to one more
+    subscriber: its CPU for ``count`` updates with 1 and with 32 listeners."""
+    from presence_hub.store.clients import open_redis
+    from presence_hub.store.pubsub import Listener
+
+    used = {}
+    for listeners in (1, 32):
+        heard = _Heard(count * listeners, unseal=False)
+        clients = [open_redis(url, max_connections=4, listener=True) for _ in range(listeners)]
+        runs = [Listener(c, heard, lambda: None) for c in clients]
+        tasks = [asyncio.create_task(r.run()) for r in runs]
+        for r in runs:
+            await asyncio.wait_for(r.wait_ready(), 60)
+            await r.subscribe(channels)
+        started = cpu_seconds([redis_proc])
+        await asyncio.gather(_publish(url, count, channels), heard.done.wait())
+        used[listeners] = cpu_seconds([redis_proc]) - started
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in clients:
+            await c.aclose()
+    return {
+        "redis_publish_us": round(used[1] / count * 1e6, 1),
+        "redis_per_subscriber_us": round((used[32] - used[1]) / 31 / count * 1e6, 1),
+    }
 
 
 def run(scenario: str) -> Any:

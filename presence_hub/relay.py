@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import hiredis
+import msgpack
 
 from presence_hub.store.clients import RedisClient
-from presence_hub.store.pubsub import Listener
+from presence_hub.store.pubsub import RELAYED, Listener
 
 __all__ = ["Relay"]
 
@@ -115,9 +116,8 @@ class Relay:
         links = self._links.get(channel)
         if not links:
             return
-        frame = _array(b"message", channel, data)
         for link in links:
-            link.outbox.append(frame)
+            link.updates += (channel, data)
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending.update(links)
@@ -143,7 +143,8 @@ class _Link(asyncio.Protocol):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.channels: set[str] = set()
-        self.outbox: list[bytes] = []
+        #: The updates of this pass of the loop, channel and message in turn.
+        self.updates: list[str | bytes] = []
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -208,16 +209,20 @@ class _Link(asyncio.Protocol):
         self._write(b"*3\r\n" + _array(kind, channel)[4:] + b":%d\r\n" % count)
 
     def _write(self, data: bytes) -> None:
-        self.outbox.append(data)
-        self.flush()
+        self.flush()  # what came before it first
+        if self._transport is not None:
+            self._transport.write(data)
 
     def flush(self) -> None:
-        transport = self._transport
-        if transport is None:
-            self.outbox.clear()
+        """Write this pass's updates as one message: a worker then reads, parses and
+        dispatches one message a pass rather than one an update."""
+        transport, updates = self._transport, self.updates
+        if not updates:
             return
-        transport.write(b"".join(self.outbox))
-        self.outbox.clear()
+        self.updates = []
+        if transport is None:
+            return
+        transport.write(_array(b"message", RELAYED, msgpack.packb(updates)))
         if transport.get_write_buffer_size() > MAX_BACKLOG:
             log.warning("a worker fell %d MiB behind its relay; dropping it", MAX_BACKLOG >> 20)
             transport.abort()

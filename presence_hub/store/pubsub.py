@@ -14,6 +14,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
+import msgpack
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,13 +24,16 @@ from presence_hub.errors import StoreUnavailable
 from presence_hub.store import keys
 from presence_hub.store.clients import RedisClient
 
-__all__ = ["Listener"]
+__all__ = ["RELAYED", "Listener"]
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_CHUNK: Final = 1000
 #: How long a subscription may wait for Redis to confirm it.
 CONFIRM_TIMEOUT: Final = 30.0
+#: The channel of a relay's messages that carry several updates: their channels and
+#: messages in turn, packed with msgpack (``presence_hub.relay``).
+RELAYED: Final = "presence-hub:relayed"
 
 
 class _Shard:
@@ -329,9 +333,16 @@ class Listener:
     def _dispatch_for(self, shard: _Shard) -> Callable[[bytes, str, Any], None]:
         on_message = self._on_message
 
+        relayed = bool(self._relays)
+
         def dispatch(kind: bytes, channel: str, data: Any) -> None:
             if kind in (b"message", b"smessage"):
-                on_message(channel, data)
+                if relayed and channel == RELAYED:
+                    updates = msgpack.unpackb(data)
+                    for n in range(0, len(updates), 2):
+                        on_message(updates[n], updates[n + 1])
+                else:
+                    on_message(channel, data)
             elif kind in (b"subscribe", b"ssubscribe"):
                 fut = self._confirmed.pop(channel, None)
                 if fut is not None and not fut.done():
