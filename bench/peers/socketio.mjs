@@ -1,7 +1,9 @@
 // The socket.io peer of bench/bench.py's side-by-side scenario: what a presence
-// service on socket.io 4 and Redis does per change. A client subscribes with the
-// users it watches (a room each); a change of its message is stored (HSET), then
-// emitted to the user's room through the Redis adapter, and acknowledged.
+// service on socket.io 4 and Redis does per change. A client that connects is
+// online: that is stored (HSET) and told to its user's watchers, as the hub tells
+// them of a session that opens. It subscribes with the users it watches (a room
+// each); a change of its message is stored, then emitted to the user's room
+// through the Redis adapter, and acknowledged.
 //
 //   node socketio.mjs PORT REDIS_URL
 import { createServer } from "node:http";
@@ -24,7 +26,10 @@ const io = new Server(http, {
 });
 io.on("connection", (socket) => {
   const user = String(socket.handshake.query.user);
-  let ver = 0;
+  let ver = 1;
+  store
+    .hSet(`p:${user}`, { status: "online", ver })
+    .then(() => io.to(`u:${user}`).emit("presence", { user, message: null, ver: 1 }));
   socket.on("subscribe", async (users, ack) => {
     socket.join(users.map((u) => `u:${u}`));
     const messages = await Promise.all(users.map((u) => store.hGet(`p:${u}`, "message")));
