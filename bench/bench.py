@@ -13,7 +13,9 @@
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
                                state, packing a commit command (redis-py's packer and hiredis'),
                                packing a state and decoding a stored view (msgpack and msgspec),
-                               a script call through redis-py's pool and on a held connection
+                               a script call through redis-py's pool and on a held connection,
+                               a worker's take-in of a published update from Redis and from a
+                               relay, the relay's own, Redis' to publish one and per subscriber
     bench/bench.py feed        the change feed's cost: CPU and Redis memory per change with it
                                on and off, and the delay from a change to its webhook
     bench/bench.py instructions
