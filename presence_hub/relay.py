@@ -170,7 +170,7 @@ class _Link(asyncio.Protocol):
         try:
             while (command := self._reader.gets()) is not False:
                 self._command(command)
-        except hiredis.ProtocolError:
+        except (hiredis.ProtocolError, AttributeError, TypeError, UnicodeDecodeError):
             log.warning("a worker spoke no Redis protocol to its relay; dropping it")
             self.close()
 

@@ -17,6 +17,7 @@ from presence_hub.relay import Relay
 from presence_hub.server import Node
 from presence_hub.store import EmbeddedRedis, keys
 from presence_hub.store.clients import open_redis
+from tests.cluster import LocalCluster
 from tests.conftest import StartNode, make_token, ws_url
 from tests.processes import HubProcess
 from tests.utils import eventually, timeout
@@ -164,10 +165,15 @@ async def test_a_worker_speaking_nonsense_to_its_relay_is_dropped_alone(
         alice = await Client.connect(ws_url(node), make_token("alice"))
         bob = await Client.connect(ws_url(node), make_token("bob"))
         await bob.request({"type": "subscribe", "users": ["alice"]})
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(b"\x00nonsense\r\n*x\r\n")
-        assert await asyncio.wait_for(reader.read(), timeout(10)) == b""
-        writer.close()
+        for nonsense in (
+            b"\x00nonsense\r\n*x\r\n",
+            b"*2\r\n:1\r\n:2\r\n",
+            b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\n\xff\r\n",
+        ):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(nonsense)
+            assert await asyncio.wait_for(reader.read(), timeout(10)) == b""
+            writer.close()
         await alice.request({"type": "set_message", "text": "unaffected"})
         await bob.presence("alice", message="unaffected")
 
@@ -219,3 +225,19 @@ async def test_a_node_with_workers_and_relays_restarts_a_relay_that_dies(
     finally:
         await Client.close_all()
         hub.stop()
+
+
+async def test_a_relay_on_a_redis_cluster_forwards_each_shards_updates(
+    start_cluster_node: StartNode, redis_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "relay-0.sock"
+    async with running_relay(redis_cluster.url, path), relay_clients(path) as [client]:
+        node = await start_cluster_node(relays=[client])
+        users = [f"u{n}" for n in range(12)]  # spread over the three shards
+        watcher = await Client.connect(ws_url(node), make_token("watcher"))
+        await watcher.request({"type": "subscribe", "users": users})
+        for n, user in enumerate(users):
+            changer = await Client.connect(ws_url(node), make_token(user))
+            await changer.request({"type": "set_message", "text": f"m{n}"})
+        for n, user in enumerate(users):
+            await watcher.presence(user, message=f"m{n}")
