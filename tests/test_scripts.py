@@ -50,27 +50,32 @@ async def test_a_redis_that_lost_its_scripts_is_given_them_again(redis: Redis) -
     assert await calls_made(redis) == 3
 
 
-async def test_the_calls_of_one_pass_share_one_round_trip(
-    redis: Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await redis.delete("calls")
-    await redis.script_load(ECHO)
-    writes = 0
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry for each write to a Redis connection (a round trip's requests);
+    a test clears it once set up."""
+    written: list[None] = []
     send = AbstractConnection.send_packed_command
 
     async def counted(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
-        nonlocal writes
-        writes += 1
+        written.append(None)
         await send(self, *args, **kwargs)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    return written
+
+
+async def test_the_calls_of_one_pass_share_one_round_trip(redis: Redis, writes: list[None]) -> None:
+    await redis.delete("calls")
+    await redis.script_load(ECHO)
+    writes.clear()
     batcher = ScriptBatcher(redis)
     futures = [batcher(echo(redis, f"w{n}")) for n in range(50)]
     assert await asyncio.gather(*futures) == [f"w{n}".encode() for n in range(50)]
-    assert writes == 1
+    assert len(writes) == 1
     # A call of a later pass goes in a round trip of its own.
     assert await batcher(echo(redis, "later")) == b"later"
-    assert writes == 2
+    assert len(writes) == 2
     assert await calls_made(redis) == 51
 
 
@@ -84,20 +89,12 @@ return 'slow'
 
 
 async def test_calls_made_while_a_batch_is_answered_go_together_in_the_next(
-    redis: Redis, monkeypatch: pytest.MonkeyPatch
+    redis: Redis, writes: list[None]
 ) -> None:
     await redis.delete("calls")
     for script in (BUSY, ECHO):
         await redis.script_load(script)
-    writes = 0
-    send = AbstractConnection.send_packed_command
-
-    async def counted(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
-        nonlocal writes
-        writes += 1
-        await send(self, *args, **kwargs)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    writes.clear()
     batcher = ScriptBatcher(redis)
     # Redis takes 0.3 s over the first call, while calls of twenty later passes arrive.
     slow = batcher((AsyncScript(redis, BUSY), [], []))
@@ -107,7 +104,7 @@ async def test_calls_made_while_a_batch_is_answered_go_together_in_the_next(
         later.append(batcher(echo(redis, f"l{n}")))
     assert await slow == b"slow"
     assert await asyncio.gather(*later) == [f"l{n}".encode() for n in range(20)]
-    assert writes == 2
+    assert len(writes) == 2
     assert await calls_made(redis) == 20
 
 
