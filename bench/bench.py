@@ -8,6 +8,7 @@
                                against a hub of one worker process, then of two
     bench/bench.py idle        10,000 idle connections: hub memory per connection
     bench/bench.py cores       1,000 changes per second with --workers 1, 2, and 2 on a relay
+                               (the workers' CPU a delivery, the relay's a change apart)
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
     bench/bench.py floor       the kernel's CPU cost of one loopback send(), without any hub
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
@@ -172,13 +173,25 @@ def fanout(
     for rate in rates:
         with hub("--workers", str(workers), "--relays", str(relays)) as (ws, http, procs):
             redis = [c for c in procs[0].children() if "redis-server" in c.name()]
+            relay = [p for p in procs if _is_relay(p)]
             args = [a for r in redis for a in ("--redis-pid", str(r.pid))]
-            report = loadtest(ws, http, procs, *fanout_args(rate, clients), *args)
+            args += [a for r in relay for a in ("--relay-pid", str(r.pid))]
+            nodes = [p for p in procs if p not in relay]
+            report = loadtest(ws, http, nodes, *fanout_args(rate, clients), *args)
         rows.append(
-            {**summary(report), "redis_cpu_us_per_change": report["redis_cpu_us_per_change"]}
+            {
+                **summary(report),
+                "redis_cpu_us_per_change": report["redis_cpu_us_per_change"],
+                "relay_cpu_us_per_change": report["relay_cpu_us_per_change"],
+            }
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _is_relay(process: psutil.Process) -> bool:
+    """A relay listens on a Unix socket in the run's relay directory."""
+    return any("presence-hub-relays-" in c.laddr for c in process.net_connections(kind="unix"))
 
 
 def two_nodes(redis_url: str, rate: float = 1000) -> dict[str, Any]:

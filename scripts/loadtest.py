@@ -683,6 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--redis-pid", type=int, action="append", default=[], help="Redis process(es) to measure"
     )
+    parser.add_argument(
+        "--relay-pid",
+        type=int,
+        action="append",
+        default=[],
+        help="the hub's relay process(es), measured apart from --hub-pid",
+    )
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--plot", help="write a PNG of latency and throughput over time here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -733,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     hub = hub_processes(opts.hub_pid)
     redis = hub_processes(opts.redis_pid) if opts.redis_pid else []
+    relays = hub_processes(opts.relay_pid) if opts.relay_pid else []
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     for w in workers:
@@ -757,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hub_latency_before = asyncio.run(hub_settled_buckets(shared["http_url"]))
     cpu_before, load_started = cpu_seconds(hub), time.time()
-    redis_cpu_before = cpu_seconds(redis)
+    redis_cpu_before, relay_cpu_before = cpu_seconds(redis), cpu_seconds(relays)
     go.set()
     expected = int(min(opts.rate * opts.duration, opts.max_changes))
     bar = tqdm(total=expected, desc="changes", unit="chg", disable=opts.quiet)
@@ -794,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = time.time() - load_started
     cpu_used = cpu_seconds(hub) - cpu_before
     redis_cpu_used = cpu_seconds(redis) - redis_cpu_before
+    relay_cpu_used = cpu_seconds(relays) - relay_cpu_before
     memory = rss_bytes(hub)
     hub_latency = bucket_quantiles(hub_latency_before, hub_latency_after)
 
@@ -858,6 +867,9 @@ def main(argv: list[str] | None = None) -> int:
         "hub_rss_mib": round(memory / 2**20, 1),
         "redis_cpu_us_per_change": (
             round(redis_cpu_used / changes * 1e6, 1) if redis and changes else None
+        ),
+        "relay_cpu_us_per_change": (
+            round(relay_cpu_used / changes * 1e6, 1) if relays and changes else None
         ),
         "hub_cpu_share": round(cpu_used / load_seconds, 2),
         "load_generator_cpu_share": [round(r["cpu_share"], 2) for r in merged],
