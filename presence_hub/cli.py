@@ -221,7 +221,12 @@ def _run_workers(settings: Settings, url: str, secrets: list[str]) -> None:
             worker.start()
         log.info("%d workers on ws port %d, %d relays", len(workers), settings.ws_port, len(relays))
 
+        stopping = False
+
         def forward(signum: int, frame: object) -> None:
+            nonlocal stopping
+            # Ctrl-C reaches the relays too: a node that stops restarts none of them.
+            stopping = stopping or signum != signal.SIGHUP
             for worker in workers:
                 if worker.pid is not None and worker.is_alive():
                     os.kill(
@@ -237,6 +242,9 @@ def _run_workers(settings: Settings, url: str, secrets: list[str]) -> None:
                 for path, process in relays.items():
                     if process.sentinel == sentinel:
                         process.join()
+                        if stopping:
+                            del relays[path]
+                            break
                         log.error(
                             "relay %s exited with %s; starting it again",
                             path.name,
