@@ -140,3 +140,31 @@ async def test_an_unreachable_redis_fails_every_call_of_the_batch() -> None:
 def test_the_scripts_ship_with_the_package() -> None:
     for name in ("commit.lua", "read.lua", "views.lua", "claim_timers.lua"):
         assert "redis.call" in lua_script(name)
+
+
+async def test_a_round_cut_after_some_replies_runs_nothing_twice(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await redis.delete("calls")
+    await redis.script_load(ECHO)
+    read = AbstractConnection.read_response
+    replies = 0
+
+    async def cut_after_one(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
+        nonlocal replies
+        replies += 1
+        if replies == 2:
+            await self.disconnect()
+            raise ConnectionError("cut")
+        return await read(self, *args, **kwargs)
+
+    batcher = ScriptBatcher(redis)
+    monkeypatch.setattr(AbstractConnection, "read_response", cut_after_one)
+    futures = [batcher(echo(redis, "a")), batcher(echo(redis, "b"))]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    monkeypatch.undo()
+    assert all(isinstance(r, ConnectionError) for r in results), results
+    # Both calls had been sent and ran once; none was sent again.
+    assert await calls_made(redis) == 2
+    # The next round goes on a new connection.
+    assert await batcher(echo(redis, "after")) == b"after"

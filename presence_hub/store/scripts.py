@@ -78,8 +78,8 @@ class HeldConnection:
     Through the pool, a pipeline of one script call costs about three times the call
     itself (a checkout that probes the socket, deprecation wrappers, the pipeline's
     own bookkeeping: ``bench/bench.py micro``), and every commit pays it. A connection
-    that failed is dropped and the round tried once more on a new one, as redis-py's
-    pipelines do: a connection held through a Redis restart fails at its first use.
+    that failed before any reply is dropped and the round tried once more on a new
+    one: a connection held through a Redis restart fails at its first use.
     """
 
     def __init__(self) -> None:
@@ -95,16 +95,21 @@ class HeldConnection:
             if connection is None:
                 pool = cast(Redis, redis).connection_pool
                 connection = self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            replies: list[Any] = []
             try:
                 await connection.send_packed_command(
                     connection.pack_commands(commands), check_health=False
                 )
-                return [await _reply(connection) for _ in commands]
+                for _ in commands:
+                    replies.append(await _reply(connection))
+                return replies
             except (ConnectionError, OSError):
                 self._connection = None
                 await connection.disconnect()
                 await cast(Redis, redis).connection_pool.release(connection)
-                if attempt == 2:
+                # Again only if Redis answered none of them: a call that was answered
+                # ran, and must not run twice.
+                if attempt == 2 or replies:
                     raise
         raise AssertionError("unreachable")
 
