@@ -342,7 +342,8 @@ class Connection:
         if own is not None:
             frames.append(own.framed(fmt))
             self.metrics.sent("self").inc()
-        ws.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if frames:  # a reply may have taken the pending Self along (send())
+            ws.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         return len(batch)
 
     def start(self, welcomed_ver: int) -> None:
@@ -362,13 +363,23 @@ class Connection:
 
     async def send(self, frame: dict[str, Any]) -> None:
         """One frame, written straight to the socket; only a full socket goes through
-        websockets' ``send()``, which waits for it to drain."""
+        websockets' ``send()``, which waits for it to drain.
+
+        A pending Self update goes in the same write, after it: a request that changed
+        the user's state gets its reply and the new Self map in one ``send()`` (the
+        store hands the Self map over at commit, before the reply is made)."""
         self.metrics.sent(frame["type"]).inc()
         ws = self.ws
         if ws.paused or ws.protocol.state is not _OPEN:
             await ws.send(codec.encode(frame, self.fmt))
-        else:
+            return
+        own = self._pending_self
+        if own is None or not self.ready:
             ws.transport.write(self._framed(frame))
+        else:
+            self._pending_self = None
+            ws.transport.write(self._framed(frame) + own.framed(self.fmt))
+            self.metrics.sent("self").inc()
 
     async def send_all(self, frames: list[dict[str, Any]]) -> None:
         """Several frames in one write, in order (a producer's replies to a batch of

@@ -170,6 +170,22 @@ class Hub:
                 for conn in owners:
                     conn.offer_self(update)
 
+    def hand_self(
+        self,
+        tenant: TenantId,
+        user: UserId,
+        packed: bytes,
+        frame: dict[str, Any],
+        origin: float | None,
+    ) -> None:
+        """A Self frame the node just committed, for the user's sessions here (the
+        published copy, when it comes, is stale by then and dropped)."""
+        owners = self._owners.get(keys.self_channel(tenant, user))
+        if owners:
+            update = Update(packed, frame, origin)
+            for conn in owners:
+                conn.offer_self(update)
+
     def _relistened(self) -> None:
         log.info("listening again: resyncing %d users", len(self._watchers))
         asyncio.get_running_loop().create_task(self._resync()).add_done_callback(_log_failure)

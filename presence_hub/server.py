@@ -81,6 +81,7 @@ class Node:
             redis,
             on_corrupt_record=self.metrics.corrupt_records.inc,
             feed_retention=settings.feed_retention,
+            node=self.id,
         )
         self.registry = NodeRegistry(
             redis, self.id, settings.lease, lease_redis=lease_redis, batcher=self.store.batcher
@@ -88,6 +89,7 @@ class Node:
         self.hub = Hub(
             self.store, pubsub_redis, self.metrics, storm_rate=settings.storm_rate, relays=relays
         )
+        self.store.hand_self = self.hub.hand_self
         self.webhooks = Webhooks(redis, self.store.feed)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()

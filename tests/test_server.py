@@ -6,15 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
+import msgpack
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from presence_hub.ids import TenantId, UserId
+from presence_hub.store import keys
 from presence_hub.store.nodes import NODES_KEY
 from tests.conftest import SECRET, StartNode, make_token, ws_url
+from tests.utils import timeout
 from tests.wsclient import Client, stalled_client
 
 FORMATS = ["json", "msgpack"]
@@ -123,6 +128,40 @@ async def test_a_reconnect_within_the_grace_publishes_nothing(start_node: StartN
     assert [p["status"] for p in bob.updates_of("alice")] == []
     await alice.close()
     await carol.close()
+
+
+async def test_a_change_is_answered_then_self_and_redis_carries_self_only_across_nodes(
+    start_node: StartNode, redis: Redis
+) -> None:
+    """The node hands a user's new Self map to the user's sessions on it as it commits,
+    right after the reply; Redis carries it only once a session is on another node."""
+    here, there = await start_node(), await start_node()
+    desk = await Client.connect(ws_url(here), make_token("alice"))
+    phone = await Client.connect(ws_url(here), make_token("alice"), device="mobile")
+    await desk.expect(lambda f: f["type"] == "self" and f["devices"] == ["desktop", "mobile"])
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.self_channel(TenantId("acme"), UserId("alice")))
+    assert await pubsub.get_message(timeout=timeout(5)) is not None  # the confirmation
+    try:
+        await desk.send({"type": "set_message", "text": "here", "id": 1})
+        assert [(f["type"], f.get("message")) for f in [await desk.recv(), await desk.recv()]] == [
+            ("ok", None),
+            ("self", "here"),
+        ]
+        await phone.expect(lambda f: f["type"] == "self" and f["message"] == "here")
+
+        tablet = await Client.connect(ws_url(there), make_token("alice"), device="web")
+        await desk.request({"type": "set_message", "text": "everywhere"})
+        await tablet.expect(lambda f: f["type"] == "self" and f["message"] == "everywhere")
+        published: list[dict[str, Any]] = []
+        while not published or published[-1]["message"] != "everywhere":
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout(5))
+            assert message is not None, "the Self map was not published for the other node"
+            published.append(msgpack.unpackb(msgpack.unpackb(message["data"])[1]))
+        # Before: only what the tablet's arrival published, never the change made here.
+        assert all("web" in f["devices"] for f in published)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_a_mobile_session_blocks_auto_away_and_devices_stay_in_sync(

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import Connection
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
 
 from presence_hub.errors import EmbeddedRedisError, StoreUnavailable
@@ -32,6 +33,7 @@ from presence_hub.model import (
 )
 from presence_hub.store import EVENT_TTL, EmbeddedRedis, PresenceStore, keys
 from presence_hub.store.clients import open_redis
+from presence_hub.store.scripts import ScriptBatcher, ScriptCall
 from tests.utils import Clock, timeout
 
 ACME = TenantId("acme")
@@ -113,6 +115,35 @@ async def test_a_private_change_publishes_only_on_the_self_channel(
         ("self", None),
     ]
     assert frames[0]["calls"] == 1
+
+
+async def test_a_self_map_whose_commit_reply_was_lost_is_read_again_for_the_nodes_sessions(
+    redis: Redis, clock: Clock
+) -> None:
+    """Every session is on this node, so the commit publishes no Self map: if its reply
+    is lost after it ran, the node's sessions get the stored map instead."""
+    store = PresenceStore(redis, clock=clock, node="node-a")
+    handed: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    store.hand_self = lambda tenant, user, packed, frame, origin: handed.put_nowait(frame)
+    await store.apply(ACME, ALICE, DESK)
+    assert (await handed.get())["devices"] == ["desktop"]
+    batcher = store.batcher
+
+    def reply_lost(call: ScriptCall) -> asyncio.Future[Any]:
+        async def run_then_lose() -> Any:
+            await batcher(call)
+            raise RedisConnectionError("connection lost after the call was sent")
+
+        return asyncio.ensure_future(run_then_lose())
+
+    store.batcher = cast(ScriptBatcher, reply_lost)
+    async with listening(redis, keys.self_channel(ACME, ALICE)) as pubsub:
+        with pytest.raises(StoreUnavailable):
+            await store.apply(ACME, ALICE, MessageSet("set unseen"))
+        store.batcher = batcher
+        refreshed = await asyncio.wait_for(handed.get(), timeout(10))
+        assert refreshed["message"] == "set unseen"
+        assert await pubsub.get_message(ignore_subscribe_messages=True) is None
 
 
 async def test_a_repeated_event_id_is_a_duplicate_and_publishes_nothing(

@@ -24,7 +24,7 @@ import msgspec
 from redis.asyncio import RedisCluster
 
 from presence_hub import codec, model, rules
-from presence_hub.errors import StoreContention, StoreUnavailable
+from presence_hub.errors import StoreContention, StoreError, StoreUnavailable
 from presence_hub.ids import TenantId, UserId
 from presence_hub.model import Outcome, TimerFired, UserState, View
 from presence_hub.store import keys
@@ -44,9 +44,21 @@ EventResult: TypeAlias = Literal["applied", "stale", "refused", "duplicate"]
 EVENT_TTL: Final = 86400
 #: PROTOCOL.md: the change feed keeps changes for 24 hours by default.
 FEED_RETENTION: Final = 86400.0
+#: Hands a user's new Self frame, packed and as a map, to that user's sessions on this
+#: node as soon as it is committed (tenant, user, packed, frame, origin).
+SelfHandler: TypeAlias = Callable[[TenantId, UserId, bytes, dict[str, Any], float | None], None]
+#: A Self frame, packed and as a map.
+OwnFrame: TypeAlias = tuple[bytes, dict[str, Any]]
+
+
+#: commit.lua's keys and arguments, and the Self frame it publishes if any.
+CommitCall: TypeAlias = tuple[list[str], list[Any], OwnFrame | None]
+
 #: A claimed timer that its node never committed fires again after this long.
 CLAIM_RETRY: Final = 30.0
 _MAX_ATTEMPTS: Final = 64
+#: Reads, a second apart, of a Self map whose commit's reply was lost.
+_REFRESH_TRIES: Final = 60
 #: A stored Presence frame straight into a View (the user and type fields are skipped),
 #: in C: a snapshot decodes one per contact.
 _decode_view: Final = msgspec.msgpack.Decoder(View).decode
@@ -69,10 +81,12 @@ class PresenceStore:
         cache_size: int = 100_000,
         on_corrupt_record: Callable[[], object] | None = None,
         feed_retention: float = FEED_RETENTION,
+        node: str | None = None,
     ) -> None:
         """``on_corrupt_record`` is called for each record found not to decode (once per
-        record and node)."""
+        record and node). ``node``: the node's id, as its sessions record it."""
         self.redis = redis
+        self.node = node
         self.corrupt = CorruptRecords(redis, clock, on_corrupt_record)
         self.cluster = isinstance(redis, RedisCluster)
         # Sharded pub/sub on a cluster: an update travels only within its user's shard.
@@ -95,6 +109,12 @@ class PresenceStore:
         #: One pipeline per pass of the event loop for its script calls; other parts of
         #: the node (the session index) send theirs through it too.
         self.batcher = ScriptBatcher(redis)
+        #: Given each committed Self frame: the node's own sessions of the user get it at
+        #: once, in the same write as the reply to the request that caused it, rather
+        #: than through Redis a round trip later. It is published only for sessions on
+        #: other nodes (``node`` says which are this node's).
+        self.hand_self: SelfHandler | None = None
+        self._refreshing: set[asyncio.Task[None]] = set()
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         with redis_errors():
@@ -191,7 +211,7 @@ class PresenceStore:
                     cache.pop(state_key, None)
                     continue
                 return Applied(outcome.result, outcome)
-            commit_keys, commit_args = self._commit_call(
+            commit_keys, commit_args, own = self._commit_call(
                 tenant,
                 user,
                 rev,
@@ -201,11 +221,17 @@ class PresenceStore:
                 [outcome.result] if event_key is not None else [],
                 now if origin is None else origin,
             )
-            committed = await self.batcher((self._commit, commit_keys, commit_args))
+            try:
+                committed = await self.batcher((self._commit, commit_keys, commit_args))
+            except Exception:
+                if own is not None:
+                    self._refresh_self(tenant, user)
+                raise
             if committed == -2:
                 return Applied("duplicate", None)
             if committed >= 0:
                 self._remember(state_key, committed, outcome.state)
+                self._hand_self(tenant, user, own, origin)
                 return Applied(outcome.result, outcome)
             cache.pop(state_key, None)
             if attempt >= 4:
@@ -223,14 +249,19 @@ class PresenceStore:
         event_keys: list[str],
         results: list[str],
         sent_at: float,
-    ) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of commit.lua for one user's transition."""
+    ) -> CommitCall:
+        """The keys and arguments of commit.lua for one user's transition, and its Self
+        frame if the transition changed it."""
         view = codec.pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
-        own = (
-            codec.sealed(sent_at, codec.pack(codec.self_frame(outcome.self_view)))
-            if outcome.self_view
-            else b""
-        )
+        own = None
+        published = b""
+        if outcome.self_view:
+            frame = codec.self_frame(outcome.self_view)
+            own = (codec.pack(frame), frame)
+            if self.hand_self is None or any(
+                session.node != self.node for session in outcome.state.sessions.values()
+            ):
+                published = codec.sealed(sent_at, own[0])
         return (
             [
                 keys.state_key(tenant, user),
@@ -242,7 +273,7 @@ class PresenceStore:
                 rev,
                 b"" if new_state is None else encode_state(new_state),
                 view,
-                own,
+                published,
                 keys.member(tenant, user),
                 "" if outcome.due is None else repr(outcome.due),
                 keys.presence_channel(tenant, user),
@@ -253,7 +284,36 @@ class PresenceStore:
                 self._feed_retention_ms,
                 *results,
             ],
+            own,
         )
+
+    def _hand_self(
+        self, tenant: TenantId, user: UserId, own: OwnFrame | None, origin: float | None
+    ) -> None:
+        if own is not None and self.hand_self is not None:
+            self.hand_self(tenant, user, *own, origin)
+
+    def _refresh_self(self, tenant: TenantId, user: UserId) -> None:
+        """After a commit whose reply was lost: it may have run, and published its Self
+        map for no one here, so this node's sessions of the user get the stored one."""
+        if self.hand_self is None:
+            return
+        hand = self.hand_self
+
+        async def refresh() -> None:
+            for _ in range(_REFRESH_TRIES):
+                try:
+                    state = await self.load(tenant, user)
+                except StoreError:
+                    await asyncio.sleep(1.0)
+                    continue
+                frame = codec.self_frame(rules.self_view(state))
+                hand(tenant, user, codec.pack(frame), frame, None)
+                return
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
 
     async def apply_events(
         self,
@@ -327,7 +387,7 @@ class PresenceStore:
         now = self._clock()
         sent_at = now if origin is None else origin
         results: list[EventResult] = ["duplicate"] * len(batch)
-        commits: list[tuple[UserId, list[int], UserState, tuple[list[str], list[Any]]]] = []
+        commits: list[tuple[UserId, list[int], UserState, CommitCall]] = []
         for user, indices in by_user.items():
             rev, state = states[user]
             fresh: list[int] = []
@@ -354,12 +414,19 @@ class PresenceStore:
             )
             commits.append((user, fresh, folded, call))
 
-        committed = await run_scripts(
-            self.redis, [(self._commit, k, a) for _, _, _, (k, a) in commits]
-        )
-        for (user, fresh, folded, _), result in zip(commits, committed, strict=True):
+        try:
+            committed = await run_scripts(
+                self.redis, [(self._commit, k, a) for _, _, _, (k, a, _) in commits]
+            )
+        except Exception:
+            for user, _, _, (_, _, own) in commits:
+                if own is not None:
+                    self._refresh_self(tenant, user)
+            raise
+        for (user, fresh, folded, (_, _, own)), result in zip(commits, committed, strict=True):
             if isinstance(result, int) and result >= 0:
                 self._remember(keys.state_key(tenant, user), result, folded)
+                self._hand_self(tenant, user, own, origin)
                 continue
             # Another writer came first: one transition per event, re-reading each time.
             for n in fresh:
