@@ -48,8 +48,11 @@ __all__ = ["WS_PATH", "Node"]
 log = logging.getLogger(__name__)
 
 WS_PATH: Final = "/v1/ws"
-#: Seconds between two slices of a keepalive round.
+#: Seconds between two slices of a keepalive round, at least, and pings per slice, at
+#: most: a round has as few slices as that allows, so that a node with few sockets
+#: wakes up a few times a round rather than twenty times a second.
 KEEPALIVE_SLICE: Final = 0.05
+PINGS_PER_SLICE: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,16 +269,17 @@ class Node:
         round's ping, sent at least half a round ago, is dead (a half-open TCP
         connection) and is closed, so its session drops.
 
-        A round is spread over slices of about 50 ms: thousands of pings written in one
-        pass of the event loop, and their pongs read in the next, would hold up every
-        delivery for as long."""
+        A round is spread over slices of at most PINGS_PER_SLICE sockets: thousands of
+        pings written in one pass of the event loop, and their pongs read in the next,
+        would hold up every delivery for as long."""
         loop = asyncio.get_running_loop()
         #: Socket -> when its last ping went out, and its pong.
         pinged: dict[Connection, tuple[float, Awaitable[float]]] = {}
-        slices = max(1, round(every / KEEPALIVE_SLICE))
+        most = max(1, round(every / KEEPALIVE_SLICE))
         while True:
             this_round: dict[Connection, tuple[float, Awaitable[float]]] = {}
             conns = list(self.hub.connections)
+            slices = min(most, max(1, -(-len(conns) // PINGS_PER_SLICE)))
             size = -(-len(conns) // slices)  # rounded up
             for n in range(slices):
                 await asyncio.sleep(every / slices)

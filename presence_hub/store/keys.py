@@ -137,4 +137,8 @@ def changes_logs() -> list[str]:
 
 
 def timer_buckets() -> list[str]:
-    return [f"ph:{{{tag}}}:timers" for tag in _tags()]
+    """Every partition's timer bucket (polled five times a second: built once)."""
+    return list(_TIMER_BUCKETS)
+
+
+_TIMER_BUCKETS: Final = tuple(f"ph:{{{tag}}}:timers" for tag in _tags())
