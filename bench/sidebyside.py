@@ -15,6 +15,13 @@ expected one where the hub coalesced), and per change beyond the bare server's.
                                         py-spy's samples of the hub during that row:
                                         bench/results/profile.txt (collapsed stacks)
                                         and the functions that take the most time
+    bench/sidebyside.py --targets hub,bare --instructions "200x20 at 20"
+                                        the instructions each server executes per
+                                        change in that row, counted by valgrind's
+                                        callgrind: unlike CPU time the same from run
+                                        to run, so it settles what the noise of a
+                                        shared machine cannot (user space only: a
+                                        system call counts as one)
 
 The socket.io peer's packages are installed into bench/peers/ with npm on first use.
 Every loop is bounded in count and time; everything listens on loopback.
@@ -35,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -244,8 +251,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def server(kind: str, redis_url: str, data: Path) -> Iterator[tuple[int, int]]:
-    """The server under test on core 0: (its port, its pid)."""
+def server(
+    kind: str,
+    redis_url: str,
+    data: Path,
+    under: Sequence[str] = (),
+) -> Iterator[tuple[int, int]]:
+    """The server under test on core 0, run ``under`` a tool if given: (port, pid)."""
     port = free_port()
     if kind == "hub":
         args = [
@@ -258,7 +270,7 @@ def server(kind: str, redis_url: str, data: Path) -> Iterator[tuple[int, int]]:
         args = ["node", str(PEERS / "socketio.mjs"), str(port), redis_url]
     else:
         args = [sys.executable, str(PEERS / "bare.py"), str(port)]
-    process = subprocess.Popen(["taskset", "-c", "0", *args], cwd=PEERS)
+    process = subprocess.Popen(["taskset", "-c", "0", *under, *args], cwd=PEERS)
     try:
         deadline = time.time() + 60
         while True:
@@ -518,9 +530,16 @@ def main() -> None:
     parser.add_argument(
         "--profile", default=None, metavar="ROW", help='e.g. "1000x20 at 500", "connect 5000x50"'
     )
+    parser.add_argument(
+        "--instructions", default=None, metavar="ROW", help='e.g. "200x20 at 20" (hub, bare)'
+    )
     args = parser.parse_args()
     install_peers()
     os.sched_setaffinity(0, {1})
+    if args.instructions is not None:
+        for kind in args.targets.split(","):
+            print(json.dumps(count_instructions(kind, args.instructions)), flush=True)
+        return
     results: dict[str, list[dict[str, Any]]] = {}
     for kind in args.targets.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -537,6 +556,70 @@ def main() -> None:
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "sidebyside.json").write_text(json.dumps(results, indent=2))
     print_table(results)
+
+
+#: The fewest changes an instructions row makes: Python runs about 50 times slower
+#: under callgrind, so its rate must be low, and its background (timers, keepalive)
+#: is spread over the changes made meanwhile.
+INSTRUCTION_CHANGES = 400
+
+
+def count_instructions(kind: str, row: str) -> dict[str, Any]:
+    """Instructions per change of one server in ``row`` ("U x K at R"), from the first
+    change to the last delivery, counted by callgrind in every process of the server."""
+    population, _, rate = row.partition(" at ")
+    clients, contacts = (int(n) for n in population.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        tool = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={out}.%p"]  # fmt: skip
+        redis = start_redis(Path(tmp))
+        try:
+            url = f"redis://127.0.0.1:{redis.port}"  # type: ignore[attr-defined]
+            with server(kind, url, Path(tmp), under=tool) as (port, pid):
+                changes, deliveries = uvloop.run(
+                    _instructions_row(kind, port, pid, clients, contacts, float(rate))
+                )
+        finally:
+            redis.terminate()
+            redis.wait(10)
+        total = sum(
+            next(int(line.split()[1]) for line in f.read_text().splitlines()
+                 if line.startswith("totals:"))
+            for f in Path(tmp).glob("callgrind.out.*")
+        )  # fmt: skip
+    return {
+        "target": kind,
+        "row": row,
+        "changes": changes,
+        "delivered": deliveries,
+        "instructions_per_change": round(total / max(changes, 1)),
+    }
+
+
+async def _instructions_row(
+    kind: str, port: int, pid: int, clients: int, contacts: int, rate: float
+) -> tuple[int, int]:
+    stats = Stats()
+    opened, _, _ = await connect_all(kind, port, clients, contacts, 1, stats)
+    await settle(stats)
+    # Every process of the server: the hub's workers are its children.
+    pids = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    await asyncio.to_thread(_instrument, pids, "on")
+    stats.deliveries = 0
+    sent, _, _ = await changes(opened, rate, INSTRUCTION_CHANGES / rate, seed=7)
+    await settle(stats)
+    await asyncio.to_thread(_instrument, pids, "off")
+    for client in opened.values():
+        if client.transport is not None:
+            client.transport.close()
+    await asyncio.sleep(2)
+    return sent, stats.deliveries
+
+
+def _instrument(pids: list[int], switch: str) -> None:
+    for pid in pids:
+        subprocess.run(["callgrind_control", "-i", switch, str(pid)], stdout=subprocess.DEVNULL)
 
 
 def table() -> None:
