@@ -11,6 +11,8 @@ expected one where the hub coalesced), and per change beyond the bare server's.
 
     bench/sidebyside.py                 the table of docs/PERFORMANCE.md
     bench/sidebyside.py --quick         a short run of the two 1,000 x 20 rows
+    bench/sidebyside.py --repeat 3      three rounds of every target in turn: each
+                                        row's medians, and every round's ratio
     bench/sidebyside.py --targets hub --profile "1000x20 at 500"
                                         py-spy's samples of the hub during that row:
                                         bench/results/profile.txt (collapsed stacks)
@@ -528,6 +530,12 @@ def main() -> None:
     )
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every target in turn; the table has each row's medians (default 1)",
+    )
+    parser.add_argument(
         "--profile", default=None, metavar="ROW", help='e.g. "1000x20 at 500", "connect 5000x50"'
     )
     parser.add_argument(
@@ -540,22 +548,27 @@ def main() -> None:
         for kind in args.targets.split(","):
             print(json.dumps(count_instructions(kind, args.instructions)), flush=True)
         return
-    results: dict[str, list[dict[str, Any]]] = {}
-    for kind in args.targets.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            redis = start_redis(Path(tmp))
-            try:
-                url = f"redis://127.0.0.1:{redis.port}"  # type: ignore[attr-defined]
-                with server(kind, url, Path(tmp)) as (port, pid):
-                    results[kind] = uvloop.run(
-                        run_target(kind, port, pid, args.seconds, args.quick, args.profile)
-                    )
-            finally:
-                redis.terminate()
-                redis.wait(10)
+    # Rounds of every target in turn: a shared machine's noise drifts over minutes, and
+    # each round's targets meet about the same.
+    rounds: list[dict[str, list[dict[str, Any]]]] = []
+    for _ in range(max(1, args.repeat)):
+        results: dict[str, list[dict[str, Any]]] = {}
+        for kind in args.targets.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                redis = start_redis(Path(tmp))
+                try:
+                    url = f"redis://127.0.0.1:{redis.port}"  # type: ignore[attr-defined]
+                    with server(kind, url, Path(tmp)) as (port, pid):
+                        results[kind] = uvloop.run(
+                            run_target(kind, port, pid, args.seconds, args.quick, args.profile)
+                        )
+                finally:
+                    redis.terminate()
+                    redis.wait(10)
+        rounds.append(results)
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "sidebyside.json").write_text(json.dumps(results, indent=2))
-    print_table(results)
+    (ROOT / "bench" / "results" / "sidebyside.json").write_text(json.dumps(rounds, indent=2))
+    print_table(rounds)
 
 
 #: The fewest changes an instructions row makes: Python runs about 50 times slower
@@ -627,11 +640,43 @@ def table() -> None:
     print_table(json.loads((ROOT / "bench" / "results" / "sidebyside.json").read_text()))
 
 
-def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
+def medians(rounds: list[dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Target -> row -> each figure's median over the rounds that have it."""
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for results in rounds:
+        for kind, found in results.items():
+            for row in found:
+                into = merged.setdefault(kind, {}).setdefault(row["row"], {})
+                for key, value in row.items():
+                    into.setdefault(key, []).append(value)
+    return {
+        kind: {
+            name: {
+                key: values[0] if key == "row" else _median(values)
+                for key, values in figures.items()
+            }
+            for name, figures in found.items()
+        }
+        for kind, found in merged.items()
+    }
+
+
+def _median(values: list[Any]) -> Any:
+    numbers = sorted(v for v in values if isinstance(v, int | float))
+    if not numbers:
+        return None
+    middle = len(numbers) // 2
+    if len(numbers) % 2:
+        return numbers[middle]
+    return round((numbers[middle - 1] + numbers[middle]) / 2, 2)
+
+
+def print_table(rounds: list[dict[str, list[dict[str, Any]]]]) -> None:
     """The table of docs/PERFORMANCE.md: CPU per expected update (connect rows: seconds)
     with each peer's ratio to the hub, p99 latencies, what saturated, and the hub's CPU
-    per change beyond the bare server's."""
-    rows = {kind: {r["row"]: r for r in found} for kind, found in results.items()}
+    per change beyond the bare server's; with several rounds, each figure's median and
+    every round's ratio of the hub to socket.io."""
+    rows = medians(rounds)
     hub, node, bare = (rows.get(k, {}) for k in TARGETS)
 
     def cell(kind: dict[str, dict[str, Any]], row: str, key: str) -> str:
@@ -650,9 +695,19 @@ def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
         ]
         return ", ".join(sides) or "none"
 
+    def each_round(row: str) -> str:
+        key = "seconds" if row.startswith("connect") else "server_cpu_us_per_expected"
+        ratios = []
+        for results in rounds:
+            mine = {r["row"]: r for r in results.get("hub", [])}.get(row)
+            theirs = {r["row"]: r for r in results.get("socketio", [])}.get(row)
+            if mine and theirs and mine.get(key) and theirs.get(key):
+                ratios.append(f"{mine[key] / theirs[key]:.2f}")
+        return ", ".join(ratios) or "-"
+
     print("| U x K at R | hub | socket.io (hub / it) | bare (hub / it) | p99 ms hub, socket.io "
-          "| saturated | hub CPU a change beyond bare |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "| saturated | hub CPU a change beyond bare | hub / socket.io, each round |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for row in hub:
         key = "seconds" if row.startswith("connect") else "server_cpu_us_per_expected"
         beyond = "-"
@@ -662,7 +717,7 @@ def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
         p99 = f"{hub[row].get('p99_ms', '-')}, {node.get(row, {}).get('p99_ms', '-')}"
         print(
             f"| {row} | {cell(hub, row, key)} | {cell(node, row, key)} | {cell(bare, row, key)} "
-            f"| {p99} | {saturated(row)} | {beyond} |"
+            f"| {p99} | {saturated(row)} | {beyond} | {each_round(row)} |"
         )
 
 
