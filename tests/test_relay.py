@@ -179,11 +179,16 @@ async def test_a_worker_speaking_nonsense_to_its_relay_is_dropped_alone(
 
 
 def relay_processes(hub: HubProcess) -> list[psutil.Process]:
-    return [
-        child
-        for child in psutil.Process(hub.process.pid).children()
-        if any(c.laddr.endswith(".sock") for c in child.net_connections(kind="unix"))
-    ]
+    """The hub's children that listen on a relay's socket (one that is exiting is not)."""
+    relays = []
+    for child in psutil.Process(hub.process.pid).children():
+        try:
+            sockets = child.net_connections(kind="unix")
+        except psutil.NoSuchProcess:  # it exited between the listing and now
+            continue
+        if any(c.laddr.endswith(".sock") for c in sockets):
+            relays.append(child)
+    return relays
 
 
 async def test_a_node_with_workers_and_relays_restarts_a_relay_that_dies(
