@@ -679,11 +679,25 @@ def print_table(rounds: list[dict[str, list[dict[str, Any]]]]) -> None:
     rows = medians(rounds)
     hub, node, bare = (rows.get(k, {}) for k in TARGETS)
 
-    def cell(kind: dict[str, dict[str, Any]], row: str, key: str) -> str:
-        if row not in kind or row not in hub or kind[row].get(key) is None:
+    def ratios(peer: str, row: str, key: str) -> list[float]:
+        """The hub's figure over the peer's, round by round (each round's pair met
+        about the same machine)."""
+        found = []
+        for results in rounds:
+            mine = {r["row"]: r for r in results.get("hub", [])}.get(row)
+            theirs = {r["row"]: r for r in results.get(peer, [])}.get(row)
+            if mine and theirs and mine.get(key) and theirs.get(key):
+                found.append(mine[key] / theirs[key])
+        return found
+
+    def cell(kind: str, row: str, key: str) -> str:
+        figures = rows.get(kind, {})
+        if row not in figures or row not in hub or figures[row].get(key) is None:
             return "-"
-        value, base = kind[row][key], hub[row][key]
-        return f"{value}" if kind is hub else f"{value} ({base / value:.2f})"
+        value = figures[row][key]
+        if kind == "hub":
+            return f"{value}"
+        return f"{value} ({_median(ratios(kind, row, key)):.2f})"
 
     def saturated(row: str) -> str:
         sides = [
@@ -697,13 +711,7 @@ def print_table(rounds: list[dict[str, list[dict[str, Any]]]]) -> None:
 
     def each_round(row: str) -> str:
         key = "seconds" if row.startswith("connect") else "server_cpu_us_per_expected"
-        ratios = []
-        for results in rounds:
-            mine = {r["row"]: r for r in results.get("hub", [])}.get(row)
-            theirs = {r["row"]: r for r in results.get("socketio", [])}.get(row)
-            if mine and theirs and mine.get(key) and theirs.get(key):
-                ratios.append(f"{mine[key] / theirs[key]:.2f}")
-        return ", ".join(ratios) or "-"
+        return ", ".join(f"{r:.2f}" for r in ratios("socketio", row, key)) or "-"
 
     print("| U x K at R | hub | socket.io (hub / it) | bare (hub / it) | p99 ms hub, socket.io "
           "| saturated | hub CPU a change beyond bare | hub / socket.io, each round |")  # fmt: skip
@@ -716,7 +724,8 @@ def print_table(rounds: list[dict[str, list[dict[str, Any]]]]) -> None:
             beyond = f"{extra:.0f} us"
         p99 = f"{hub[row].get('p99_ms', '-')}, {node.get(row, {}).get('p99_ms', '-')}"
         print(
-            f"| {row} | {cell(hub, row, key)} | {cell(node, row, key)} | {cell(bare, row, key)} "
+            f"| {row} | {cell('hub', row, key)} | {cell('socketio', row, key)} "
+            f"| {cell('bare', row, key)} "
             f"| {p99} | {saturated(row)} | {beyond} | {each_round(row)} |"
         )
 
