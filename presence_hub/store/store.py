@@ -49,8 +49,6 @@ FEED_RETENTION: Final = 86400.0
 SelfHandler: TypeAlias = Callable[[TenantId, UserId, bytes, dict[str, Any], float | None], None]
 #: A Self frame, packed and as a map.
 OwnFrame: TypeAlias = tuple[bytes, dict[str, Any]]
-
-
 #: commit.lua's keys and arguments, and the Self frame it publishes if any.
 CommitCall: TypeAlias = tuple[list[str], list[Any], OwnFrame | None]
 
