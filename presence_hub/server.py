@@ -239,6 +239,7 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.stop()
         if self._http is not None:
             await self._http.cleanup()
         with contextlib.suppress(StoreError):

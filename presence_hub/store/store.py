@@ -114,6 +114,12 @@ class PresenceStore:
         self.hand_self: SelfHandler | None = None
         self._refreshing: set[asyncio.Task[None]] = set()
 
+    async def stop(self) -> None:
+        """End the re-reads of Self maps still under way (their node is stopping)."""
+        for task in self._refreshing:
+            task.cancel()
+        await asyncio.gather(*self._refreshing, return_exceptions=True)
+
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         with redis_errors():
             _, state, _ = await self._read(tenant, user)
