@@ -33,7 +33,9 @@ class HubProcess:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
     async def ready(self) -> None:
+        """Both ports accept connections (the HTTP one opens after the WebSocket one)."""
         await wait_for_port(self.port, self.process)
+        await wait_for_port(self.http_port, self.process)
 
     def signal(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)
