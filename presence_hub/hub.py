@@ -170,6 +170,8 @@ class Hub:
                 for conn in owners:
                     conn.offer_self(update)
 
+    # --- What this node commits (store.LocalSessions) ---------------------------------
+
     def hand_self(
         self,
         tenant: TenantId,
@@ -185,6 +187,26 @@ class Hub:
             update = Update(packed, frame, origin)
             for conn in owners:
                 conn.offer_self(update)
+
+    def hand_presence(
+        self,
+        tenant: TenantId,
+        user: UserId,
+        packed: bytes,
+        frame: dict[str, Any],
+        origin: float | None,
+    ) -> None:
+        """A presence frame the node just committed, for the user's watchers here."""
+        entry = self._watched.get(tenant, {}).get(user)
+        if entry is not None:
+            interned, _, conns = entry
+            Connection.offer(conns, interned, Update(packed, frame, origin))
+            if origin is not None:
+                self.flusher.arrived(origin)
+
+    def witness(self, tenant: TenantId, user: UserId) -> str:
+        entry = self._watched.get(tenant, {}).get(user)
+        return "" if entry is None else self.listener.witness(entry[1])
 
     def _relistened(self) -> None:
         log.info("listening again: resyncing %d users", len(self._watchers))

@@ -92,7 +92,7 @@ class Node:
         self.hub = Hub(
             self.store, pubsub_redis, self.metrics, storm_rate=settings.storm_rate, relays=relays
         )
-        self.store.hand_self = self.hub.hand_self
+        self.store.local = self.hub
         self.webhooks = Webhooks(redis, self.store.feed)
         self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = (
             weakref.WeakKeyDictionary()

@@ -76,3 +76,27 @@ async def test_it_listens_again_after_redis_restarts(
     await eventually(lambda: heard.relistens == 1, wait=30)
     await publisher.publish("a", b"after")
     await eventually(lambda: ("a", b"after") in heard.messages)
+
+
+async def test_its_witness_vouches_only_for_channels_redis_has_answered_on_a_live_connection(
+    listening: tuple[Listener, Heard, Redis],
+) -> None:
+    listener, _, publisher = listening
+    assert listener.witness("a") == ""
+    await listener.subscribe(["a"])
+    witness = listener.witness("a")
+    assert witness.startswith("ph:witness:")
+    assert await publisher.pubsub_numsub(witness) == [(witness.encode(), 1)]
+
+    listener.unsubscribe(["a"])
+    assert listener.witness("a") == ""
+    again = asyncio.create_task(listener.subscribe(["a"]))
+    # Wanted again, but the unsubscription may still be ahead of the subscription.
+    assert listener.witness("a") == ""
+    await asyncio.wait_for(again, timeout(10))
+    assert listener.witness("a") == witness
+
+    # Its connection gone, the witness has no subscriber; the new connection has its own.
+    await publisher.client_kill_filter(_type="pubsub")
+    await eventually(lambda: listener.ready and listener.witness("a") not in ("", witness))
+    assert await publisher.pubsub_numsub(witness) == [(witness.encode(), 0)]

@@ -164,6 +164,35 @@ async def test_a_change_is_answered_then_self_and_redis_carries_self_only_across
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+async def test_watchers_on_the_writing_node_get_a_change_at_commit_and_redis_only_across_nodes(
+    start_node: StartNode, redis: Redis
+) -> None:
+    """The node hands a change to its own watchers as it commits it; Redis publishes it
+    only once a watcher is on another node too."""
+    here, there = await start_node(), await start_node()
+    bob = await Client.connect(ws_url(here), make_token("bob"))
+    await bob.request({"type": "subscribe", "users": ["alice"]})
+    alice = await Client.connect(ws_url(here), make_token("alice"))
+    await bob.presence("alice", status="available")
+
+    async def publishes() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+
+    before = await publishes()
+    await alice.request({"type": "set_message", "text": "here"})
+    await bob.presence("alice", message="here")
+    assert await publishes() == before
+
+    carol = await Client.connect(ws_url(there), make_token("carol"))
+    await carol.request({"type": "subscribe", "users": ["alice"]})
+    before = await publishes()
+    await alice.request({"type": "set_message", "text": "everywhere"})
+    await carol.presence("alice", message="everywhere")
+    await bob.presence("alice", message="everywhere")
+    assert await publishes() == before + 1
+
+
 async def test_a_mobile_session_blocks_auto_away_and_devices_stay_in_sync(
     start_node: StartNode,
 ) -> None:

@@ -117,16 +117,77 @@ async def test_a_private_change_publishes_only_on_the_self_channel(
     assert frames[0]["calls"] == 1
 
 
-async def test_a_self_map_whose_commit_reply_was_lost_is_read_again_for_the_nodes_sessions(
+class NodeSessions:
+    """A node's own sessions as its store sees them (store.LocalSessions): what it was
+    handed, and the witness channel of its listening connection."""
+
+    def __init__(self, witness: str = "") -> None:
+        self.own: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.seen: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.channel = witness
+
+    def hand_self(
+        self, tenant: TenantId, user: UserId, packed: bytes, frame: dict[str, Any], origin: Any
+    ) -> None:
+        self.own.put_nowait(frame)
+
+    def hand_presence(
+        self, tenant: TenantId, user: UserId, packed: bytes, frame: dict[str, Any], origin: Any
+    ) -> None:
+        assert msgpack.unpackb(packed) == frame
+        self.seen.put_nowait(frame)
+
+    def witness(self, tenant: TenantId, user: UserId) -> str:
+        return self.channel
+
+
+WITNESS = "ph:witness:test"
+
+
+async def next_message(pubsub: PubSub) -> bytes:
+    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout(5))
+    assert message is not None, "nothing was published"
+    data: bytes = message["data"]
+    return data
+
+
+async def test_a_presence_frame_is_published_only_for_listeners_besides_the_committing_node(
     redis: Redis, clock: Clock
 ) -> None:
-    """Every session is on this node, so the commit publishes no Self map: if its reply
-    is lost after it ran, the node's sessions get the stored map instead."""
+    """The node hands its watchers what it commits; Redis carries the frame only to
+    someone else, and to anyone once the node's listening connection (its witness's
+    one subscriber) is gone."""
     store = PresenceStore(redis, clock=clock, node="node-a")
-    handed: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    store.hand_self = lambda tenant, user, packed, frame, origin: handed.put_nowait(frame)
+    store.local = node = NodeSessions(WITNESS)
+    presence = keys.presence_channel(ACME, ALICE)
+    async with listening(redis, presence, WITNESS) as mine:
+        await store.apply(ACME, ALICE, DESK)
+        assert (await node.seen.get())["status"] == "available"
+        # Redis delivers in order: had the commit published, its frame would come first.
+        await redis.publish(presence, b"marker")
+        assert await next_message(mine) == b"marker"
+
+        async with listening(redis, presence) as elsewhere:
+            await store.apply(ACME, ALICE, MessageSet("for the other node"))
+            assert (await node.seen.get())["message"] == "for the other node"
+            assert (await next_frame(elsewhere))["message"] == "for the other node"
+            assert (await next_frame(mine))["message"] == "for the other node"
+
+            await mine.aclose()  # type: ignore[no-untyped-call]
+            await store.apply(ACME, ALICE, MessageSet("after the node stopped listening"))
+            assert (await next_frame(elsewhere))["message"] == "after the node stopped listening"
+
+
+async def test_frames_whose_commit_reply_was_lost_are_read_again_for_the_nodes_sessions(
+    redis: Redis, clock: Clock
+) -> None:
+    """Every session and watcher is on this node, so the commit publishes nothing: if its
+    reply is lost after it ran, the node's sessions get the stored frames instead."""
+    store = PresenceStore(redis, clock=clock, node="node-a")
+    store.local = node = NodeSessions(WITNESS)
     await store.apply(ACME, ALICE, DESK)
-    assert (await handed.get())["devices"] == ["desktop"]
+    assert (await node.own.get())["devices"] == ["desktop"]
+    assert (await node.seen.get())["status"] == "available"
     batcher = store.batcher
 
     def reply_lost(call: ScriptCall) -> asyncio.Future[Any]:
@@ -137,13 +198,17 @@ async def test_a_self_map_whose_commit_reply_was_lost_is_read_again_for_the_node
         return asyncio.ensure_future(run_then_lose())
 
     store.batcher = cast(ScriptBatcher, reply_lost)
-    async with listening(redis, keys.self_channel(ACME, ALICE)) as pubsub:
+    presence, own = keys.presence_channel(ACME, ALICE), keys.self_channel(ACME, ALICE)
+    async with listening(redis, presence, own, WITNESS) as pubsub:
         with pytest.raises(StoreUnavailable):
             await store.apply(ACME, ALICE, MessageSet("set unseen"))
         store.batcher = batcher
-        refreshed = await asyncio.wait_for(handed.get(), timeout(10))
+        refreshed = await asyncio.wait_for(node.own.get(), timeout(10))
         assert refreshed["message"] == "set unseen"
-        assert await pubsub.get_message(ignore_subscribe_messages=True) is None
+        seen = await asyncio.wait_for(node.seen.get(), timeout(10))
+        assert (seen["message"], seen["ver"]) == ("set unseen", 2)
+        await redis.publish(presence, b"marker")
+        assert await next_message(pubsub) == b"marker"
 
 
 async def test_a_repeated_event_id_is_a_duplicate_and_publishes_nothing(

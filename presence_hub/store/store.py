@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, NamedTuple, Protocol, TypeAlias
 
 import msgspec
 from redis.asyncio import RedisCluster
@@ -34,7 +34,14 @@ from presence_hub.store.feed import ChangeFeed
 from presence_hub.store.scripts import ScriptBatcher, ScriptCall, register_script, run_scripts
 from presence_hub.store.serde import encode_state
 
-__all__ = ["EVENT_TTL", "FEED_RETENTION", "Applied", "EventResult", "PresenceStore"]
+__all__ = [
+    "EVENT_TTL",
+    "FEED_RETENTION",
+    "Applied",
+    "EventResult",
+    "LocalSessions",
+    "PresenceStore",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +51,53 @@ EventResult: TypeAlias = Literal["applied", "stale", "refused", "duplicate"]
 EVENT_TTL: Final = 86400
 #: PROTOCOL.md: the change feed keeps changes for 24 hours by default.
 FEED_RETENTION: Final = 86400.0
-#: Hands a user's new Self frame, packed and as a map, to that user's sessions on this
-#: node as soon as it is committed (tenant, user, packed, frame, origin).
-SelfHandler: TypeAlias = Callable[[TenantId, UserId, bytes, dict[str, Any], float | None], None]
-#: A Self frame, packed and as a map.
-OwnFrame: TypeAlias = tuple[bytes, dict[str, Any]]
-#: commit.lua's keys and arguments, and the Self frame it publishes if any.
-CommitCall: TypeAlias = tuple[list[str], list[Any], OwnFrame | None]
+#: A frame, packed and as a map.
+Frame: TypeAlias = tuple[bytes, dict[str, Any]]
+
+
+class CommitCall(NamedTuple):
+    """commit.lua's keys and arguments, and the frames the transition changed."""
+
+    keys: list[str]
+    args: list[Any]
+    #: The user's new Self frame, if it changed.
+    own: Frame | None
+    #: The user's new presence frame (what observers see), if it changed.
+    seen: Frame | None
+    #: When its input arrived, as the published frames carry it.
+    sent_at: float
+
+
+class LocalSessions(Protocol):
+    """This node's sessions, handed what the node commits as soon as it commits it, in
+    the same write as the reply to the request that caused it, rather than through
+    Redis a round trip later (the published copy, if any, is stale by then)."""
+
+    def hand_self(
+        self,
+        tenant: TenantId,
+        user: UserId,
+        packed: bytes,
+        frame: dict[str, Any],
+        origin: float | None,
+    ) -> None:
+        """The user's new Self frame, for the user's sessions here."""
+
+    def hand_presence(
+        self,
+        tenant: TenantId,
+        user: UserId,
+        packed: bytes,
+        frame: dict[str, Any],
+        origin: float | None,
+    ) -> None:
+        """The user's new presence frame, for the user's watchers here."""
+
+    def witness(self, tenant: TenantId, user: UserId) -> str:
+        """The node's witness channel if it listens to the user's presence channel for
+        certain, else "" (``store.pubsub``): the commit then publishes the frame only
+        if someone else listens too."""
+
 
 #: A claimed timer that its node never committed fires again after this long.
 CLAIM_RETRY: Final = 30.0
@@ -107,11 +154,10 @@ class PresenceStore:
         #: One pipeline per pass of the event loop for its script calls; other parts of
         #: the node (the session index) send theirs through it too.
         self.batcher = ScriptBatcher(redis)
-        #: Given each committed Self frame: the node's own sessions of the user get it at
-        #: once, in the same write as the reply to the request that caused it, rather
-        #: than through Redis a round trip later. It is published only for sessions on
-        #: other nodes (``node`` says which are this node's).
-        self.hand_self: SelfHandler | None = None
+        #: Given each committed frame. A Self frame is then published only for sessions
+        #: on other nodes (``node`` says which are this node's), a presence frame only
+        #: for listeners other than this node.
+        self.local: LocalSessions | None = None
         self._refreshing: set[asyncio.Task[None]] = set()
 
     async def stop(self) -> None:
@@ -215,7 +261,7 @@ class PresenceStore:
                     cache.pop(state_key, None)
                     continue
                 return Applied(outcome.result, outcome)
-            commit_keys, commit_args, own = self._commit_call(
+            call = self._commit_call(
                 tenant,
                 user,
                 rev,
@@ -226,16 +272,15 @@ class PresenceStore:
                 now if origin is None else origin,
             )
             try:
-                committed = await self.batcher((self._commit, commit_keys, commit_args))
+                committed = await self.batcher((self._commit, call.keys, call.args))
             except Exception:
-                if own is not None:
-                    self._refresh_self(tenant, user)
+                self._refresh(tenant, user, call)
                 raise
             if committed == -2:
                 return Applied("duplicate", None)
             if committed >= 0:
                 self._remember(state_key, committed, outcome.state)
-                self._hand_self(tenant, user, own, origin)
+                self._hand(tenant, user, call)
                 return Applied(outcome.result, outcome)
             cache.pop(state_key, None)
             if attempt >= 4:
@@ -254,19 +299,28 @@ class PresenceStore:
         results: list[str],
         sent_at: float,
     ) -> CommitCall:
-        """The keys and arguments of commit.lua for one user's transition, and its Self
-        frame if the transition changed it."""
-        view = codec.pack(codec.presence_frame(user, outcome.view)) if outcome.view else b""
+        """The keys and arguments of commit.lua for one user's transition, and the frames
+        it changed."""
+        local = self.local
+        view = b""
+        seen = None
+        witness = ""
+        if outcome.view:
+            frame = codec.presence_frame(user, outcome.view)
+            view = codec.pack(frame)
+            seen = (view, frame)
+            if local is not None:
+                witness = local.witness(tenant, user)
         own = None
         published = b""
         if outcome.self_view:
             frame = codec.self_frame(outcome.self_view)
             own = (codec.pack(frame), frame)
-            if self.hand_self is None or any(
+            if local is None or any(
                 session.node != self.node for session in outcome.state.sessions.values()
             ):
                 published = codec.sealed(sent_at, own[0])
-        return (
+        return CommitCall(
             [
                 keys.state_key(tenant, user),
                 keys.timer_bucket(tenant, user),
@@ -286,33 +340,42 @@ class PresenceStore:
                 codec.sealed(sent_at, view) if view else b"",
                 self._publish,
                 self._feed_retention_ms,
+                witness,
                 *results,
             ],
             own,
+            seen,
+            sent_at,
         )
 
-    def _hand_self(
-        self, tenant: TenantId, user: UserId, own: OwnFrame | None, origin: float | None
-    ) -> None:
-        if own is not None and self.hand_self is not None:
-            self.hand_self(tenant, user, *own, origin)
-
-    def _refresh_self(self, tenant: TenantId, user: UserId) -> None:
-        """After a commit whose reply was lost: it may have run, and published its Self
-        map for no one here, so this node's sessions of the user get the stored one."""
-        if self.hand_self is None:
+    def _hand(self, tenant: TenantId, user: UserId, call: CommitCall) -> None:
+        local = self.local
+        if local is None:
             return
-        hand = self.hand_self
+        if call.seen is not None:
+            local.hand_presence(tenant, user, *call.seen, call.sent_at)
+        if call.own is not None:
+            local.hand_self(tenant, user, *call.own, call.sent_at)
+
+    def _refresh(self, tenant: TenantId, user: UserId, call: CommitCall) -> None:
+        """After a commit whose reply was lost: it may have run, and published its frames
+        for no one here, so this node's sessions get the stored ones."""
+        local = self.local
+        if local is None or (call.own is None and call.seen is None):
+            return
 
         async def refresh() -> None:
             for _ in range(_REFRESH_TRIES):
                 try:
                     state = await self.load(tenant, user)
+                    (stored,) = await self.frames(tenant, [user])
                 except StoreError:
                     await asyncio.sleep(1.0)
                     continue
+                if stored is not None:
+                    local.hand_presence(tenant, user, stored, codec.unpack(stored), None)
                 frame = codec.self_frame(rules.self_view(state))
-                hand(tenant, user, codec.pack(frame), frame, None)
+                local.hand_self(tenant, user, codec.pack(frame), frame, None)
                 return
 
         task = asyncio.get_running_loop().create_task(refresh())
@@ -420,17 +483,16 @@ class PresenceStore:
 
         try:
             committed = await run_scripts(
-                self.redis, [(self._commit, k, a) for _, _, _, (k, a, _) in commits]
+                self.redis, [(self._commit, c.keys, c.args) for _, _, _, c in commits]
             )
         except Exception:
-            for user, _, _, (_, _, own) in commits:
-                if own is not None:
-                    self._refresh_self(tenant, user)
+            for user, _, _, call in commits:
+                self._refresh(tenant, user, call)
             raise
-        for (user, fresh, folded, (_, _, own)), result in zip(commits, committed, strict=True):
+        for (user, fresh, folded, call), result in zip(commits, committed, strict=True):
             if isinstance(result, int) and result >= 0:
                 self._remember(keys.state_key(tenant, user), result, folded)
-                self._hand_self(tenant, user, own, origin)
+                self._hand(tenant, user, call)
                 continue
             # Another writer came first: one transition per event, re-reading each time.
             for n in fresh:

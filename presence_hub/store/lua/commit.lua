@@ -18,7 +18,10 @@
 -- ARGV[10] - what to publish on the presence channel (the frame and its origin time)
 -- ARGV[11] - PUBLISH, or SPUBLISH on a cluster (the channels are in KEYS[1]'s slot)
 -- ARGV[12] - how long the change log keeps a change, in milliseconds (0: no log)
--- ARGV[13..] - each event's result, to remember, in the order of KEYS[4..]
+-- ARGV[13] - the committing node's witness channel, or "": that node hands the presence
+--            frame to its own watchers itself, and its listening connection, which has
+--            the presence channel subscribed, is the witness's one subscriber while it lives
+-- ARGV[14..] - each event's result, to remember, in the order of KEYS[4..]
 -- Returns the revision now stored, -1 on a conflict, -2 if an event was seen before
 -- (then nothing is written).
 local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
@@ -31,7 +34,7 @@ for i = 4, #KEYS do
   end
 end
 for i = 4, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 9], 'EX', ARGV[9])
+  redis.call('SET', KEYS[i], ARGV[i + 10], 'EX', ARGV[9])
 end
 if ARGV[2] ~= '' then
   rev = rev + 1
@@ -39,7 +42,16 @@ if ARGV[2] ~= '' then
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'view', ARGV[3])
-  redis.call(ARGV[11], ARGV[7], ARGV[10])
+  -- Published unless the committing node's own connection is its only listener.
+  local others = 1
+  if ARGV[13] ~= '' then
+    local listeners = redis.call('PUBSUB', 'NUMSUB', ARGV[7])[2]
+    local mine = redis.call('PUBSUB', 'NUMSUB', ARGV[13])[2]
+    others = listeners - math.min(mine, 1)
+  end
+  if others > 0 then
+    redis.call(ARGV[11], ARGV[7], ARGV[10])
+  end
   local retention = tonumber(ARGV[12])
   if retention > 0 then
     -- In the same step as the change itself: the feed has every change and no other.
