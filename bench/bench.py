@@ -14,9 +14,10 @@
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
                                state, packing a commit command (redis-py's packer and hiredis'),
                                packing a state and decoding a stored view (msgpack and msgspec),
-                               a script call through redis-py's pool and on a held connection,
-                               a worker's take-in of a published update from Redis and from a
-                               relay, the relay's own, Redis' to publish one and per subscriber
+                               a script call through redis-py's pool, on a held connection
+                               and through the hub's batcher, a worker's take-in of a
+                               published update from Redis and from a relay, the relay's
+                               own, Redis' to publish one and per subscriber
     bench/bench.py feed        the change feed's cost: CPU and Redis memory per change with it
                                on and off, and the delay from a change to its webhook
     bench/bench.py instructions
@@ -523,8 +524,10 @@ async def _script_round_trips(count: int) -> dict[str, float]:
     """CPU microseconds of one script call to a local Redis: in a pipeline through
     redis-py's pool (as the hub commits), and on a connection held by the caller."""
     from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
     from presence_hub.store.clients import open_redis
+    from presence_hub.store.scripts import ScriptBatcher, ScriptCall
 
     with tempfile.TemporaryDirectory() as data:
         redis = EmbeddedRedis(Path(data), port=free_port())
@@ -546,10 +549,21 @@ async def _script_round_trips(count: int) -> dict[str, float]:
                 await held.read_response()
             own = (time.process_time() - started) / count * 1e6
             await client.connection_pool.release(held)
+            batcher = ScriptBatcher(client)
+            call: ScriptCall = (AsyncScript(client, "return 1"), [], [])
+            await batcher(call)
+            started = time.process_time()
+            for _ in range(count):
+                await batcher(call)
+            batched = (time.process_time() - started) / count * 1e6
         finally:
             await client.aclose()
             redis.stop()
-    return {"script_call_pooled_us": round(pooled, 1), "script_call_held_us": round(own, 1)}
+    return {
+        "script_call_pooled_us": round(pooled, 1),
+        "script_call_held_us": round(own, 1),
+        "script_call_batcher_us": round(batched, 1),
+    }
 
 
 PUBLISHER = """

@@ -9,12 +9,18 @@ from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, ResponseError
 
 from presence_hub.store.clients import RedisClient, open_redis
-from presence_hub.store.scripts import ScriptBatcher, ScriptCall, lua_script, run_scripts
+from presence_hub.store.scripts import (
+    HeldConnection,
+    ScriptBatcher,
+    ScriptCall,
+    _Replies,
+    lua_script,
+    run_scripts,
+)
 
 ECHO = """
 if ARGV[1] == 'fail' then return redis.error_reply('asked to fail') end
@@ -50,18 +56,35 @@ async def test_a_redis_that_lost_its_scripts_is_given_them_again(redis: Redis) -
     assert await calls_made(redis) == 3
 
 
+async def test_the_batcher_gives_a_redis_that_lost_its_scripts_them_again(redis: Redis) -> None:
+    await redis.delete("calls")
+    batcher = ScriptBatcher(redis)
+    assert await batcher(echo(redis, "a")) == b"a"
+    await redis.script_flush()
+    first, fails, second = (
+        batcher(echo(redis, "b")),
+        batcher(echo(redis, "fail")),
+        batcher(echo(redis, "c")),
+    )
+    assert await first == b"b"
+    with pytest.raises(ResponseError, match="asked to fail"):
+        await fails
+    assert await second == b"c"
+    assert await calls_made(redis) == 3
+
+
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[None]:
-    """One entry for each write to a Redis connection (a round trip's requests);
-    a test clears it once set up."""
+    """One entry for each write to the batcher's held connection (a round trip's
+    requests); a test clears it once set up."""
     written: list[None] = []
-    send = AbstractConnection.send_packed_command
+    write = _Replies.write
 
-    async def counted(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
+    def counted(self: _Replies, data: bytes) -> None:
         written.append(None)
-        await send(self, *args, **kwargs)
+        write(self, data)
 
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    monkeypatch.setattr(_Replies, "write", counted)
     return written
 
 
@@ -147,23 +170,24 @@ async def test_a_round_cut_after_some_replies_runs_nothing_twice(
 ) -> None:
     await redis.delete("calls")
     await redis.script_load(ECHO)
-    read = AbstractConnection.read_response
+    replied = HeldConnection.replied
     replies = 0
 
-    async def cut_after_one(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
+    def cut_after_one(self: HeldConnection, link: _Replies, reply: Any) -> None:
         nonlocal replies
         replies += 1
         if replies == 2:
-            await self.disconnect()
-            raise ConnectionError("cut")
-        return await read(self, *args, **kwargs)
+            link.transport.abort()  # the second reply never arrives
+            return
+        replied(self, link, reply)
 
     batcher = ScriptBatcher(redis)
-    monkeypatch.setattr(AbstractConnection, "read_response", cut_after_one)
+    monkeypatch.setattr(HeldConnection, "replied", cut_after_one)
     futures = [batcher(echo(redis, "a")), batcher(echo(redis, "b"))]
     results = await asyncio.gather(*futures, return_exceptions=True)
     monkeypatch.undo()
-    assert all(isinstance(r, ConnectionError) for r in results), results
+    assert results[0] == b"a"
+    assert isinstance(results[1], ConnectionError), results
     # Both calls had been sent and ran once; none was sent again.
     assert await calls_made(redis) == 2
     # The next round goes on a new connection.
