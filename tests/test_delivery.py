@@ -10,8 +10,11 @@ import time
 from typing import cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
 
-from presence_hub.delivery import BEHIND, STORM_WINDOW, Connection, Flusher
+from presence_hub.delivery import BEHIND, STORM_WINDOW, Connection, Flusher, _frame
 from presence_hub.metrics import Metrics
 from tests.conftest import StartNode, make_token, ws_url
 from tests.utils import eventually
@@ -192,3 +195,15 @@ async def test_a_connect_storm_holds_back_the_nodes_writes_unless_turned_off(
         await watcher.presence(user, status="available")
     holds = node.metrics.registry.get_sample_value("presence_hub_storm_held_flushes_total")
     assert (holds is not None and holds > 0) is held
+
+
+@settings(max_examples=200)
+@given(
+    opcode=st.sampled_from([Opcode.TEXT, Opcode.BINARY]),
+    length=st.one_of(
+        st.integers(0, 300), st.sampled_from([65535, 65536, 70000]), st.integers(0, 1 << 17)
+    ),
+)
+def test_frames_are_framed_exactly_as_websockets_frames_them(opcode: Opcode, length: int) -> None:
+    payload = bytes(n % 251 for n in range(length))
+    assert _frame(opcode, payload) == Frame(opcode, payload).serialize(mask=False)
