@@ -4,7 +4,8 @@ subscriptions, and listening again (with a call to say so) after Redis restarts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -100,3 +101,33 @@ async def test_its_witness_vouches_only_for_channels_redis_has_answered_on_a_liv
     await publisher.client_kill_filter(_type="pubsub")
     await eventually(lambda: listener.ready and listener.witness("a") not in ("", witness))
     assert await publisher.pubsub_numsub(witness) == [(witness.encode(), 0)]
+
+
+BUSY = """
+local started = redis.call('TIME')
+repeat
+    local now = redis.call('TIME')
+until (now[1] - started[1]) * 1000000 + (now[2] - started[2]) >= 1000000
+return 1
+"""
+
+
+async def test_a_channel_dropped_while_it_listens_again_can_be_listened_to_once_more(
+    listening: tuple[Listener, Heard, Redis], own_redis_server: EmbeddedRedis
+) -> None:
+    listener, heard, publisher = listening
+    await listener.subscribe(["a"])
+    busy = Redis.from_url(own_redis_server.url)
+    await publisher.client_kill_filter(_type="pubsub")
+    await eventually(lambda: not listener.ready)
+    # Redis is busy for a second, while the listener connects again and subscribes.
+    holding = asyncio.ensure_future(cast(Awaitable[Any], busy.eval(BUSY, 0)))
+    await eventually(lambda: "redis" in listener._shards)
+    listener.unsubscribe(["a"])  # its last watcher left meanwhile
+    await asyncio.wait_for(holding, timeout(10))
+    await busy.aclose()
+    await eventually(lambda: listener.ready)
+    # Watched again: Redis confirms it at once, and its messages arrive.
+    await asyncio.wait_for(listener.subscribe(["a"]), timeout(5))
+    await publisher.publish("a", b"again")
+    await eventually(lambda: ("a", b"again") in heard.messages)

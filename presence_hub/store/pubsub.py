@@ -239,7 +239,13 @@ class Listener:
 
     def unsubscribe(self, channels: list[str]) -> None:
         self.channels.difference_update(channels)
-        if not channels or not self._ready.is_set():
+        if not channels:
+            return
+        if not self._ready.is_set():
+            # Listening again: the connections being set up must drop them too, or a
+            # later subscription would find them there and ask Redis for nothing.
+            for shard in self._shards.values():
+                shard.unsubscribe(channels)
             return
         for channel in channels:
             fut = self._confirmed.pop(channel, None)
