@@ -13,6 +13,8 @@ expected one where the hub coalesced), and per change beyond the bare server's.
     bench/sidebyside.py --quick         a short run of the two 1,000 x 20 rows
     bench/sidebyside.py --repeat 3      three rounds of every target in turn: each
                                         row's medians, and every round's ratio
+    bench/sidebyside.py --idle 30       also each server's CPU with each population
+                                        connected and nothing changing, over 30 s
     bench/sidebyside.py --targets hub --profile "1000x20 at 500"
                                         py-spy's samples of the hub during that row:
                                         bench/results/profile.txt (collapsed stacks)
@@ -23,7 +25,9 @@ expected one where the hub coalesced), and per change beyond the bare server's.
                                         callgrind: unlike CPU time the same from run
                                         to run, so it settles what the noise of a
                                         shared machine cannot (user space only: a
-                                        system call counts as one)
+                                        system call counts as one); --callgrind-out
+                                        DIR keeps callgrind's files for
+                                        callgrind_annotate
 
 The socket.io peer's packages are installed into bench/peers/ with npm on first use.
 Every loop is bounded in count and time; everything listens on loopback.
@@ -67,6 +71,9 @@ from loadtest import masked, read_frames, take_upgrade  # noqa: E402
 SECRET = "side-by-side-secret-side-by-side-secret"
 #: The fewest changes a row at a set rate makes.
 MIN_CHANGES = 5000
+#: With --idle, how long a connected population waits before its idle CPU is read:
+#: socket.io pings each socket 25 s after it opened, the hub spreads a round over 20 s.
+IDLE_SETTLE = 30.0
 
 ROWS: list[tuple[int, int, float | None]] = [
     (1000, 20, 500.0),
@@ -367,7 +374,13 @@ async def settle(stats: Stats, quiet: float = 1.0, at_most: float = 60.0) -> Non
 
 
 async def run_target(
-    kind: str, port: int, pid: int, seconds: float, quick: bool, profile: str | None = None
+    kind: str,
+    port: int,
+    pid: int,
+    seconds: float,
+    quick: bool,
+    profile: str | None = None,
+    idle: float = 0.0,
 ) -> list[dict[str, Any]]:
     rows = []
     me = psutil.Process()
@@ -388,6 +401,13 @@ async def run_target(
                 watchers[contact] = watchers.get(contact, 0) + 1
         rows.append({"row": f"connect {clients}x{contacts}", "seconds": round(connect_s, 2),
                      "server_cpu_s": round(connect_cpu, 2)})  # fmt: skip
+        if idle > 0:
+            # What the server spends with every socket open and nothing changing
+            # (keepalive, timers): a row at a low rate pays it for each change.
+            await asyncio.sleep(IDLE_SETTLE)
+            idle_before = cpu_seconds(pid)
+            await asyncio.sleep(idle)
+            rows[-1]["idle_cpu_ms_per_s"] = round((cpu_seconds(pid) - idle_before) / idle * 1e3, 1)
         for u, k, rate in ROWS:
             if (u, k) != (clients, contacts) or (quick and rate is None):
                 continue
@@ -536,17 +556,33 @@ def main() -> None:
         help="rounds of every target in turn; the table has each row's medians (default 1)",
     )
     parser.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help=f"read each server's CPU that long with a population connected and nothing "
+        f"changing, {IDLE_SETTLE:g} s after it connected (default: not)",
+    )
+    parser.add_argument(
         "--profile", default=None, metavar="ROW", help='e.g. "1000x20 at 500", "connect 5000x50"'
     )
     parser.add_argument(
         "--instructions", default=None, metavar="ROW", help='e.g. "200x20 at 20" (hub, bare)'
+    )
+    parser.add_argument(
+        "--callgrind-out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --instructions: keep callgrind's files there, for callgrind_annotate",
     )
     args = parser.parse_args()
     install_peers()
     os.sched_setaffinity(0, {1})
     if args.instructions is not None:
         for kind in args.targets.split(","):
-            print(json.dumps(count_instructions(kind, args.instructions)), flush=True)
+            counted = count_instructions(kind, args.instructions, args.callgrind_out)
+            print(json.dumps(counted), flush=True)
         return
     # Rounds of every target in turn: a shared machine's noise drifts over minutes, and
     # each round's targets meet about the same.
@@ -560,7 +596,9 @@ def main() -> None:
                     url = f"redis://127.0.0.1:{redis.port}"  # type: ignore[attr-defined]
                     with server(kind, url, Path(tmp)) as (port, pid):
                         results[kind] = uvloop.run(
-                            run_target(kind, port, pid, args.seconds, args.quick, args.profile)
+                            run_target(
+                                kind, port, pid, args.seconds, args.quick, args.profile, args.idle
+                            )
                         )
                 finally:
                     redis.terminate()
@@ -577,13 +615,18 @@ def main() -> None:
 INSTRUCTION_CHANGES = 400
 
 
-def count_instructions(kind: str, row: str) -> dict[str, Any]:
+def count_instructions(kind: str, row: str, keep: Path | None = None) -> dict[str, Any]:
     """Instructions per change of one server in ``row`` ("U x K at R"), from the first
-    change to the last delivery, counted by callgrind in every process of the server."""
+    change to the last delivery, counted by callgrind in every process of the server;
+    its files are kept in ``keep`` if given."""
     population, _, rate = row.partition(" at ")
     clients, contacts = (int(n) for n in population.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "callgrind.out"
+        where = Path(tmp) if keep is None else keep
+        where.mkdir(parents=True, exist_ok=True)
+        for old in where.glob(f"callgrind.{kind}.out.*"):
+            old.unlink()
+        out = where / f"callgrind.{kind}.out"
         tool = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={out}.%p"]  # fmt: skip
         redis = start_redis(Path(tmp))
@@ -599,7 +642,7 @@ def count_instructions(kind: str, row: str) -> dict[str, Any]:
         total = sum(
             next(int(line.split()[1]) for line in f.read_text().splitlines()
                  if line.startswith("totals:"))
-            for f in Path(tmp).glob("callgrind.out.*")
+            for f in where.glob(f"callgrind.{kind}.out.*")
         )  # fmt: skip
     return {
         "target": kind,
@@ -728,6 +771,14 @@ def print_table(rounds: list[dict[str, list[dict[str, Any]]]]) -> None:
             f"| {cell('bare', row, key)} "
             f"| {p99} | {saturated(row)} | {beyond} | {each_round(row)} |"
         )
+    for row in hub:
+        if "idle_cpu_ms_per_s" in hub[row]:
+            idle = ", ".join(
+                f"{kind} {rows[kind][row].get('idle_cpu_ms_per_s')}"
+                for kind in TARGETS
+                if row in rows.get(kind, {})
+            )
+            print(f"idle with {row.removeprefix('connect ')} connected, CPU ms a second: {idle}")
 
 
 if __name__ == "__main__":
