@@ -14,6 +14,7 @@
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
                                state, packing a commit command (redis-py's packer and hiredis'),
                                packing a state and decoding a stored view (msgpack and msgspec),
+                               framing an update (websockets' Frame and the hub's own),
                                a script call through redis-py's pool, on a held connection
                                and through the hub's batcher, a worker's take-in of a
                                published update from Redis and from a relay, the relay's
@@ -471,8 +472,9 @@ def micro(count: int = 20000) -> dict[str, Any]:
     import msgpack
     import msgspec
     from redis.asyncio.connection import Connection
+    from websockets.frames import Frame, Opcode
 
-    from presence_hub import codec, model, rules
+    from presence_hub import codec, delivery, model, rules
     from presence_hub.ids import SessionId
     from presence_hub.store.clients import open_redis
     from presence_hub.store.serde import decode_state, encode_state
@@ -515,6 +517,10 @@ def micro(count: int = 20000) -> dict[str, Any]:
         "pack_state_msgspec_us": per_call(lambda n: codec.pack(state_map)),
         "decode_view_msgpack_us": per_call(lambda n: _view_by_hand(msgpack.unpackb(frame))),
         "decode_view_msgspec_us": per_call(lambda n: decode_view(frame)),
+        "frame_websockets_us": per_call(
+            lambda n: Frame(Opcode.BINARY, frame).serialize(mask=False)
+        ),
+        "frame_hub_us": per_call(lambda n: delivery._frame(Opcode.BINARY, frame)),
         **asyncio.run(_script_round_trips(count // 4)),
         **asyncio.run(_take_in(count * 2)),
     }

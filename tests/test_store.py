@@ -141,7 +141,8 @@ class NodeSessions:
         return self.channel
 
 
-WITNESS = "ph:witness:test"
+#: The presence channel's witness on the node's listening connection (store.pubsub).
+WITNESS = f"{keys.presence_channel(ACME, ALICE)}:test"
 
 
 async def next_message(pubsub: PubSub) -> bytes:

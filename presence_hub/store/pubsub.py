@@ -5,11 +5,12 @@ and listening again after any outage, or after a slot moved to another shard. It
 knows nothing of sockets: it hands each message to ``on_message`` and, once it
 listens again after missing some, calls ``on_relisten``.
 
-On a single Redis each listening connection also listens to a witness channel of its
-own, which has a subscriber exactly while that connection lives. A commit names the
-witness when the user's channel is subscribed on that connection and Redis has
-answered every (un)subscription of it: then Redis can tell whether anyone but this
-node listens to the channel (``store/lua/commit.lua``)."""
+On a single Redis each listening connection subscribes, with every channel and in the
+same command, a witness of that channel that only this connection ever subscribes
+(the channel's name and the connection's tag). Redis runs a command whole, so the
+connection has the channel exactly when it has its witness: a commit that names the
+witness lets Redis tell whether anyone but this node listens to the channel
+(``store/lua/commit.lua``)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ __all__ = ["RELAYED", "Listener"]
 
 log = logging.getLogger(__name__)
 
+#: Even: a channel and its witness stay in one command.
 SUBSCRIBE_CHUNK: Final = 1000
 #: How long a subscription may wait for Redis to confirm it.
 CONFIRM_TIMEOUT: Final = 30.0
@@ -58,19 +60,17 @@ class _Shard:
         *,
         sharded: bool,
         on_error: Callable[[BaseException], None],
-        witness: str | None = None,
+        tag: str | None = None,
     ) -> None:
         self.connection = connection
         self.sharded = sharded
         self._on_error = on_error
-        #: The channel that has a subscriber exactly while this connection lives.
-        self.witness = witness
+        #: Set on a single Redis: each channel goes with its witness, ``channel:tag``.
+        self.tag = tag
         #: The channels subscribed on it, or to subscribe once it is connected.
         self.channels: set[str] = set()
         #: Unsubscriptions sent whose confirmations have not come back yet.
         self.leaving: Counter[str] = Counter()
-        #: Channel -> its (un)subscriptions sent on this connection and not yet answered.
-        self.unanswered: Counter[str] = Counter()
         self.connected = False
         #: Set once connected and subscribed to the channels asked for so far.
         self.up = asyncio.Event()
@@ -90,24 +90,17 @@ class _Shard:
             self.leaving.update(gone)
         self._queue("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", gone)
 
-    def listens(self, channel: str) -> bool:
-        """Whether Redis has ``channel`` subscribed on this connection for certain: it is
-        connected, the channel is wanted, and every (un)subscription of it sent here has
-        been answered."""
-        return self.connected and channel in self.channels and not self.unanswered[channel]
-
-    def answered(self, channel: str) -> None:
-        left = self.unanswered[channel] - 1
-        if left > 0:
-            self.unanswered[channel] = left
-        else:
-            del self.unanswered[channel]
+    def witness(self, channel: str) -> str:
+        return f"{channel}:{self.tag}"
 
     def _queue(self, command: str, channels: list[str]) -> None:
         # Before it connects, the subscription made on connecting covers everything.
         if not channels or not self.connected:
             return
-        self.unanswered.update(channels)
+        if self.tag is not None:
+            # Each channel and its witness side by side: chunks of an even size keep
+            # the pair in one command.
+            channels = [c for channel in channels for c in (channel, self.witness(channel))]
         self._outbox.append((command, channels))
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
@@ -142,10 +135,7 @@ class _Shard:
         until the connection fails."""
         await self.connection.connect()  # type: ignore[no-untyped-call]
         self.connected = True
-        channels = list(self.channels)
-        if self.witness is not None:
-            channels.append(self.witness)
-        self._queue("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", channels)
+        self._queue("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", list(self.channels))
         self.up.set()
         read = self.connection.read_response
         while True:
@@ -229,13 +219,13 @@ class Listener:
                 raise TimeoutError(f"Redis did not confirm a subscription in {CONFIRM_TIMEOUT} s")
 
     def witness(self, channel: str) -> str:
-        """The witness channel of the connection that listens to ``channel`` for certain
-        (``_Shard.listens``), or "" where none does or it cannot tell (on a cluster or
-        on relays)."""
+        """The witness of ``channel`` on the connection listening now: it has a
+        subscriber exactly while that connection has the channel. "" where it cannot
+        tell (on a cluster or on relays) or nothing listens yet."""
         shard = self._shards.get("redis")
-        if shard is None or shard.witness is None or not shard.listens(channel):
+        if shard is None or shard.tag is None:
             return ""
-        return shard.witness
+        return shard.witness(channel)
 
     def unsubscribe(self, channels: list[str]) -> None:
         self.channels.difference_update(channels)
@@ -361,7 +351,7 @@ class Listener:
                 kind(**settings),
                 sharded=self._sharded,
                 on_error=self._listener_failed,
-                witness=f"ph:witness:{uuid.uuid4().hex}" if name == "redis" else None,
+                tag=uuid.uuid4().hex if name == "redis" else None,
             )
             shard.reader = asyncio.get_running_loop().create_task(self._listen(shard))
         return shard
@@ -391,14 +381,10 @@ class Listener:
                 else:
                     on_message(channel, data)
             elif kind in (b"subscribe", b"ssubscribe"):
-                shard.answered(channel)
                 fut = self._confirmed.pop(channel, None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
-            elif kind == b"unsubscribe":
-                shard.answered(channel)
             elif kind == b"sunsubscribe":
-                shard.answered(channel)
                 expected = shard.leaving.pop(channel, 0)
                 if expected > 1:
                     shard.leaving[channel] = expected - 1

@@ -94,9 +94,9 @@ class LocalSessions(Protocol):
         """The user's new presence frame, for the user's watchers here."""
 
     def witness(self, tenant: TenantId, user: UserId) -> str:
-        """The node's witness channel if it listens to the user's presence channel for
-        certain, else "" (``store.pubsub``): the commit then publishes the frame only
-        if someone else listens too."""
+        """The witness of the user's presence channel on the node's listening connection,
+        or "" (``store.pubsub``): the commit then publishes the frame only if someone
+        else listens too."""
 
 
 #: A claimed timer that its node never committed fires again after this long.

@@ -18,9 +18,9 @@
 -- ARGV[10] - what to publish on the presence channel (the frame and its origin time)
 -- ARGV[11] - PUBLISH, or SPUBLISH on a cluster (the channels are in KEYS[1]'s slot)
 -- ARGV[12] - how long the change log keeps a change, in milliseconds (0: no log)
--- ARGV[13] - the committing node's witness channel, or "": that node hands the presence
---            frame to its own watchers itself, and its listening connection, which has
---            the presence channel subscribed, is the witness's one subscriber while it lives
+-- ARGV[13] - the presence channel's witness on the committing node's listening connection,
+--            or "": that node hands the frame to its own watchers itself, and the witness
+--            has a subscriber exactly while that connection has the presence channel
 -- ARGV[14..] - each event's result, to remember, in the order of KEYS[4..]
 -- Returns the revision now stored, -1 on a conflict, -2 if an event was seen before
 -- (then nothing is written).
@@ -42,7 +42,7 @@ if ARGV[2] ~= '' then
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'view', ARGV[3])
-  -- Published unless the committing node's own connection is its only listener.
+  -- Published unless the committing node's own connection is the channel's only listener.
   local others = 1
   if ARGV[13] ~= '' then
     local listeners = redis.call('PUBSUB', 'NUMSUB', ARGV[7])[2]
