@@ -12,10 +12,10 @@ import ssl
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final
+from typing import Final, cast
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from presence_hub import codec, model, rules
@@ -53,6 +54,21 @@ WS_PATH: Final = "/v1/ws"
 #: wakes up a few times a round rather than twenty times a second.
 KEEPALIVE_SLICE: Final = 0.05
 PINGS_PER_SLICE: Final = 100
+#: A ping frame without payload (a server's frames are not masked).
+PING: Final = b"\x89\x00"
+
+
+class HeardConnection(ServerConnection):
+    """A server connection that counts the reads of its socket. Anything read after a
+    ping, its pong or any other frame, shows the peer alive, so the keepalive writes
+    one constant frame and compares counts, where websockets' ``ping()`` makes a
+    payload, a future and a frame for each."""
+
+    heard = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.heard += 1
+        super().data_received(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +180,7 @@ class Node:
             reuse_port=self.settings.workers > 1,
             # One keepalive loop for the node (below) instead of a task per socket.
             ping_interval=None,
+            create_connection=HeardConnection,
             # Updates never wait on a socket's receive side; keep its queue short.
             max_queue=4,
             backlog=4096,
@@ -266,36 +283,37 @@ class Node:
                 log.warning("lease not renewed: %s", exc)
 
     async def _keep_alive(self, every: float) -> None:
-        """Ping every socket once a round; a socket that has not answered the previous
-        round's ping, sent at least half a round ago, is dead (a half-open TCP
-        connection) and is closed, so its session drops.
+        """Ping every socket once a round; a socket that has not been heard from since
+        the previous round's ping, sent at least half a round ago, is dead (a
+        half-open TCP connection) and is closed, so its session drops.
 
         A round is spread over slices of at most PINGS_PER_SLICE sockets: thousands of
         pings written in one pass of the event loop, and their pongs read in the next,
         would hold up every delivery for as long."""
         loop = asyncio.get_running_loop()
-        #: Socket -> when its last ping went out, and its pong.
-        pinged: dict[Connection, tuple[float, Awaitable[float]]] = {}
+        #: Socket -> when its last ping went out, and how often it had been heard then.
+        pinged: dict[Connection, tuple[float, int]] = {}
         most = max(1, round(every / KEEPALIVE_SLICE))
         while True:
-            this_round: dict[Connection, tuple[float, Awaitable[float]]] = {}
+            this_round: dict[Connection, tuple[float, int]] = {}
             conns = list(self.hub.connections)
             slices = min(most, max(1, -(-len(conns) // PINGS_PER_SLICE)))
             size = -(-len(conns) // slices)  # rounded up
             for n in range(slices):
                 await asyncio.sleep(every / slices)
                 for conn in conns[n * size : (n + 1) * size]:
-                    if conn.ws.paused:
+                    ws = cast(HeardConnection, conn.ws)
+                    if ws.paused or ws.protocol.state is not State.OPEN:
                         continue  # a full socket is the backlog writer's to judge (send_timeout)
                     previous = pinged.get(conn)
-                    if previous is not None and not previous[1].done():  # type: ignore[attr-defined]
+                    if previous is not None and ws.heard == previous[1]:
                         if loop.time() - previous[0] >= every / 2:
-                            conn.ws.transport.abort()
+                            ws.transport.abort()
                         else:
                             this_round[conn] = previous
                         continue
-                    with contextlib.suppress(ConnectionClosed):
-                        this_round[conn] = (loop.time(), await conn.ws.ping())
+                    ws.transport.write(PING)
+                    this_round[conn] = (loop.time(), ws.heard)
             pinged = this_round
 
     # --- The handshake --------------------------------------------------------------
