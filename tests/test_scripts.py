@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError, ResponseError
 from presence_hub.store.clients import RedisClient, open_redis
 from presence_hub.store.scripts import (
     HeldConnection,
+    PackedKeys,
     ScriptBatcher,
     ScriptCall,
     _Replies,
@@ -71,6 +72,28 @@ async def test_the_batcher_gives_a_redis_that_lost_its_scripts_them_again(redis:
         await fails
     assert await second == b"c"
     assert await calls_made(redis) == 3
+
+
+KEYS_AND_ARGS = "return {KEYS, ARGV}"
+
+
+async def test_keys_packed_once_reach_the_script_as_keys(redis: Redis) -> None:
+    script = AsyncScript(redis, KEYS_AND_ARGS)
+    names = ["k:1", "ключ:{2}", "k 3", ""]
+    packed = PackedKeys(names)
+    assert packed == tuple(names)
+    batcher = ScriptBatcher(redis)
+    with_args, plain, without_args = await asyncio.gather(
+        batcher((script, packed, ["a", 2, 1.5])),
+        batcher((script, names, ["b"])),
+        batcher((script, PackedKeys(names), [])),
+    )
+    encoded = [name.encode() for name in names]
+    assert with_args == [encoded, [b"a", b"2", b"1.5"]]
+    assert plain == [encoded, [b"b"]]
+    assert without_args == [encoded, []]
+    # Through the pool they are keys like any others.
+    assert await run_scripts(redis, [(script, packed, ["c"])]) == [[encoded, [b"c"]]]
 
 
 @pytest.fixture

@@ -31,7 +31,13 @@ from presence_hub.store import keys
 from presence_hub.store.clients import RedisClient, describe, redis_errors
 from presence_hub.store.corrupt import CorruptRecords
 from presence_hub.store.feed import ChangeFeed
-from presence_hub.store.scripts import ScriptBatcher, ScriptCall, register_script, run_scripts
+from presence_hub.store.scripts import (
+    PackedKeys,
+    ScriptBatcher,
+    ScriptCall,
+    register_script,
+    run_scripts,
+)
 from presence_hub.store.serde import encode_state
 
 __all__ = [
@@ -101,6 +107,8 @@ class LocalSessions(Protocol):
 
 #: A claimed timer that its node never committed fires again after this long.
 CLAIM_RETRY: Final = 30.0
+#: Every partition's timer bucket, claimed from in one call on a single Redis.
+_TIMER_BUCKETS: Final = PackedKeys(keys.timer_buckets())
 _MAX_ATTEMPTS: Final = 64
 #: Reads, a second apart, of a Self map whose commit's reply was lost.
 _REFRESH_TRIES: Final = 60
@@ -563,17 +571,18 @@ class PresenceStore:
     async def fire_due_timers(self, limit: int = 200) -> int:
         """Fire every due timer this node can claim; returns how many it fired.
 
-        Every partition's bucket is claimed in one round trip: one script call on a
-        single Redis, one per bucket, pipelined, on a cluster (whose scripts may
-        only touch one slot)."""
+        Every partition's bucket is claimed in one round trip: on a single Redis one
+        script call, which joins the batcher's; on a cluster (whose scripts may only
+        touch one slot) one call per bucket, pipelined."""
         now = self._clock()
         args = [repr(now), limit, repr(now + CLAIM_RETRY)]
-        buckets = keys.timer_buckets()
-        groups = [[bucket] for bucket in buckets] if self.cluster else [buckets]
         with redis_errors():
-            replies = await run_scripts(
-                self.redis, [(self._claim, group, args) for group in groups]
-            )
+            if self.cluster:
+                replies = await run_scripts(
+                    self.redis, [(self._claim, [bucket], args) for bucket in _TIMER_BUCKETS]
+                )
+            else:
+                replies = [await self.batcher((self._claim, _TIMER_BUCKETS, args))]
         users = [
             keys.parse_member(m.decode())
             for reply in replies
