@@ -405,9 +405,13 @@ async def run_target(
             # What the server spends with every socket open and nothing changing
             # (keepalive, timers): a row at a low rate pays it for each change.
             await asyncio.sleep(IDLE_SETTLE)
+            spy = start_profile(pid, idle) if profile == f"idle {clients}x{contacts}" else None
             idle_before = cpu_seconds(pid)
             await asyncio.sleep(idle)
             rows[-1]["idle_cpu_ms_per_s"] = round((cpu_seconds(pid) - idle_before) / idle * 1e3, 1)
+            if spy is not None:
+                await asyncio.to_thread(spy.wait)
+                summarize_profile()
         for u, k, rate in ROWS:
             if (u, k) != (clients, contacts) or (quick and rate is None):
                 continue
@@ -564,7 +568,10 @@ def main() -> None:
         f"changing, {IDLE_SETTLE:g} s after it connected (default: not)",
     )
     parser.add_argument(
-        "--profile", default=None, metavar="ROW", help='e.g. "1000x20 at 500", "connect 5000x50"'
+        "--profile",
+        default=None,
+        metavar="ROW",
+        help='e.g. "1000x20 at 500", "connect 5000x50", "idle 5000x50" (with --idle)',
     )
     parser.add_argument(
         "--instructions", default=None, metavar="ROW", help='e.g. "200x20 at 20" (hub, bare)'
