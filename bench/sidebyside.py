@@ -15,6 +15,9 @@ expected one where the hub coalesced), and per change beyond the bare server's.
                                         row's medians, and every round's ratio
     bench/sidebyside.py --idle 30       also each server's CPU with each population
                                         connected and nothing changing, over 30 s
+    bench/sidebyside.py --bare-keepalive
+                                        the bare relay pings its sockets as the hub
+                                        does, every 20 s (by default it pings none)
     bench/sidebyside.py --targets hub --profile "1000x20 at 500"
                                         py-spy's samples of the hub during that row:
                                         bench/results/profile.txt (collapsed stacks)
@@ -265,6 +268,7 @@ def server(
     redis_url: str,
     data: Path,
     under: Sequence[str] = (),
+    bare_keepalive: bool = False,
 ) -> Iterator[tuple[int, int]]:
     """The server under test on core 0, run ``under`` a tool if given: (port, pid)."""
     port = free_port()
@@ -279,6 +283,7 @@ def server(
         args = ["node", str(PEERS / "socketio.mjs"), str(port), redis_url]
     else:
         args = [sys.executable, str(PEERS / "bare.py"), str(port)]
+        args += ["--keepalive"] if bare_keepalive else []
     process = subprocess.Popen(["taskset", "-c", "0", *under, *args], cwd=PEERS)
     try:
         deadline = time.time() + 60
@@ -574,6 +579,11 @@ def main() -> None:
         help='e.g. "1000x20 at 500", "connect 5000x50", "idle 5000x50" (with --idle)',
     )
     parser.add_argument(
+        "--bare-keepalive",
+        action="store_true",
+        help="the bare relay pings every socket every 20 s, as the hub does (default: never)",
+    )
+    parser.add_argument(
         "--instructions", default=None, metavar="ROW", help='e.g. "200x20 at 20" (hub, bare)'
     )
     parser.add_argument(
@@ -601,7 +611,10 @@ def main() -> None:
                 redis = start_redis(Path(tmp))
                 try:
                     url = f"redis://127.0.0.1:{redis.port}"  # type: ignore[attr-defined]
-                    with server(kind, url, Path(tmp)) as (port, pid):
+                    with server(kind, url, Path(tmp), bare_keepalive=args.bare_keepalive) as (
+                        port,
+                        pid,
+                    ):
                         results[kind] = uvloop.run(
                             run_target(
                                 kind, port, pid, args.seconds, args.quick, args.profile, args.idle

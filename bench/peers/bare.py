@@ -2,7 +2,10 @@
 only relays, no Redis, no rules. A client subscribes with the users it watches; a
 change of its message is broadcast to their watchers and acknowledged.
 
-    python bare.py PORT
+    python bare.py PORT [--keepalive]
+
+With --keepalive it pings every socket every 20 s, websockets' default and the
+hub's; without, it pings nobody.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ async def handle(ws: ServerConnection) -> None:
             watchers[u].discard(ws)
 
 
-async def main(port: int) -> None:
-    async with serve(handle, "127.0.0.1", port, compression=None, ping_interval=None):
+async def main(port: int, keepalive: bool) -> None:
+    ping_interval = 20.0 if keepalive else None
+    async with serve(handle, "127.0.0.1", port, compression=None, ping_interval=ping_interval):
         print(f"bare peer on {port}", flush=True)
         await asyncio.Future()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), "--keepalive" in sys.argv[2:]))
