@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import ConnectionError, DataError, ResponseError
 
 from presence_hub.store.clients import RedisClient, open_redis
 from presence_hub.store.scripts import (
@@ -22,6 +22,7 @@ from presence_hub.store.scripts import (
     lua_script,
     run_scripts,
 )
+from tests.utils import timeout
 
 ECHO = """
 if ARGV[1] == 'fail' then return redis.error_reply('asked to fail') end
@@ -94,6 +95,31 @@ async def test_keys_packed_once_reach_the_script_as_keys(redis: Redis) -> None:
     assert without_args == [encoded, []]
     # Through the pool they are keys like any others.
     assert await run_scripts(redis, [(script, packed, ["c"])]) == [[encoded, [b"c"]]]
+
+
+async def test_a_call_with_an_argument_redis_cannot_take_fails_alone(redis: Redis) -> None:
+    await redis.delete("calls")
+    batcher = ScriptBatcher(redis)
+    bad_with_packed_keys = (AsyncScript(redis, ECHO), PackedKeys(["calls"]), [object()])
+    # Each call is answered, not left waiting: a hang here is the failure.
+    async with asyncio.timeout(timeout(10)):
+        before, bad, also_bad, after = (
+            batcher(echo(redis, "before")),
+            batcher((AsyncScript(redis, ECHO), ["calls"], [object()])),
+            batcher(bad_with_packed_keys),
+            batcher(echo(redis, "after")),
+        )
+        assert await before == b"before"
+        with pytest.raises(DataError):
+            await bad
+        with pytest.raises(DataError):
+            await also_bad
+        assert await after == b"after"
+        # A round of nothing but such calls ends too, and the batcher goes on.
+        with pytest.raises(DataError):
+            await batcher((AsyncScript(redis, ECHO), ["calls"], [object()]))
+        assert await batcher(echo(redis, "later")) == b"later"
+    assert await calls_made(redis) == 3
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ round trip, and the calls of one pass of the event loop sent together."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from importlib import resources
 from typing import Any, Final, TypeAlias, cast
@@ -37,9 +38,9 @@ class PackedKeys(tuple[str, ...]):
     """Keys that a script is called with again and again, packed for the wire once.
 
     hiredis' packer costs about 1,400 instructions an argument (a ``sprintf`` and an
-    allocation each), and the timer poll names all 256 buckets five times a second:
-    packing them was a quarter of an idle node's work. The held connection sends
-    ``resp`` as it is; anywhere else these are keys like any others."""
+    allocation each), and the timer poll names all 256 buckets five times a second
+    (docs/PERFORMANCE.md). The held connection sends ``resp`` as it is; anywhere else
+    these are keys like any others."""
 
     resp: bytes
 
@@ -56,12 +57,13 @@ def _bulk_strings(args: Sequence[Any]) -> bytes:
 
 def _pack_call(connection: AbstractConnection, call: ScriptCall) -> bytes:
     script, script_keys, args = call
-    if not isinstance(script_keys, PackedKeys):
-        command = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
-        return b"".join(connection.pack_command(*command))
-    head = _bulk_strings(("EVALSHA", script.sha, len(script_keys)))
-    count = 3 + len(script_keys) + len(args)
-    return b"*%d\r\n%b%b%b" % (count, head, script_keys.resp, _bulk_strings(args))
+    if isinstance(script_keys, PackedKeys):
+        head = _bulk_strings(("EVALSHA", script.sha, len(script_keys)))
+        count = 3 + len(script_keys) + len(args)
+        with contextlib.suppress(TypeError):  # packed again below, to name the argument
+            return b"*%d\r\n%b%b%b" % (count, head, script_keys.resp, _bulk_strings(args))
+    command = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+    return b"".join(connection.pack_command(*command))
 
 
 def lua_script(name: str) -> str:
@@ -285,9 +287,25 @@ class HeldConnection:
             _spawn(self._tasks, self._connect_and_write(round_))
 
     def _write(self, link: _Replies, round_: _Round) -> None:
+        packed: list[bytes] = []
+        calls: list[ScriptCall] = []
+        futures: list[asyncio.Future[Any]] = []
+        for call, future in zip(round_.calls, round_.futures, strict=True):
+            try:
+                packed.append(_pack_call(link.connection, call))
+            except RedisError as exc:
+                # An argument Redis cannot take (a DataError) fails its own call only.
+                _settle(future, exc)
+                continue
+            calls.append(call)
+            futures.append(future)
+        if not calls:
+            self._then()
+            return
+        round_.calls, round_.futures = calls, futures
         self._round = round_
         round_.tries += 1
-        link.write(b"".join([_pack_call(link.connection, call) for call in round_.calls]))
+        link.write(b"".join(packed))
 
     async def _connect_and_write(self, round_: _Round) -> None:
         pool = self._redis.connection_pool
