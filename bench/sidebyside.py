@@ -11,6 +11,8 @@ expected one where the hub coalesced), and per change beyond the bare server's.
 
     bench/sidebyside.py                 the table of docs/PERFORMANCE.md
     bench/sidebyside.py --quick         a short run of the two 1,000 x 20 rows
+    bench/sidebyside.py --rows "5000x50 at 100"
+                                        only that row (and its population's connect)
     bench/sidebyside.py --repeat 3      three rounds of every target in turn: each
                                         row's medians, and every round's ratio
     bench/sidebyside.py --idle 30       also each server's CPU with each population
@@ -254,6 +256,10 @@ async def open_client(kind: str, port: int, user: str, stats: Stats) -> Client:
     return client
 
 
+def row_name(clients: int, contacts: int, rate: float | None) -> str:
+    return f"{clients}x{contacts} at {'max' if rate is None else int(rate)}"
+
+
 # --- The servers ------------------------------------------------------------------------
 
 
@@ -383,13 +389,13 @@ async def run_target(
     port: int,
     pid: int,
     seconds: float,
-    quick: bool,
+    rows_to_run: Sequence[tuple[int, int, float | None]],
     profile: str | None = None,
     idle: float = 0.0,
 ) -> list[dict[str, Any]]:
     rows = []
     me = psutil.Process()
-    populations = sorted({(u, k) for u, k, _ in ROWS if not quick or u == 1000})
+    populations = sorted({(u, k) for u, k, _ in rows_to_run})
     for clients, contacts in populations:
         stats = Stats()
         cpu_before = cpu_seconds(pid)
@@ -417,14 +423,14 @@ async def run_target(
             if spy is not None:
                 await asyncio.to_thread(spy.wait)
                 summarize_profile()
-        for u, k, rate in ROWS:
-            if (u, k) != (clients, contacts) or (quick and rate is None):
+        for u, k, rate in rows_to_run:
+            if (u, k) != (clients, contacts):
                 continue
             await settle(stats)
             stats.deliveries, stats.latencies = 0, []
             server_before, me_before = cpu_seconds(pid), me.cpu_times()
             wall = time.monotonic()
-            name = f"{u}x{k} at {'max' if rate is None else int(rate)}"
+            name = row_name(u, k, rate)
             # At a low rate a short row is a few hundred changes, and a keepalive round
             # or a collection in it moves the figure by a third: a row is long enough
             # for MIN_CHANGES as well.
@@ -552,6 +558,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--rows",
+        default=None,
+        metavar="ROWS",
+        help='only these rows, e.g. "5000x50 at 100,5000x50 at max" (default: all)',
+    )
+    parser.add_argument(
         "--seconds",
         type=float,
         default=10.0,
@@ -594,6 +606,12 @@ def main() -> None:
         help="with --instructions: keep callgrind's files there, for callgrind_annotate",
     )
     args = parser.parse_args()
+    rows_to_run = [
+        (u, k, rate)
+        for u, k, rate in ROWS
+        if (args.rows is None or row_name(u, k, rate) in args.rows.split(","))
+        and (not args.quick or (u == 1000 and rate is not None))
+    ]
     install_peers()
     os.sched_setaffinity(0, {1})
     if args.instructions is not None:
@@ -617,7 +635,13 @@ def main() -> None:
                     ):
                         results[kind] = uvloop.run(
                             run_target(
-                                kind, port, pid, args.seconds, args.quick, args.profile, args.idle
+                                kind,
+                                port,
+                                pid,
+                                args.seconds,
+                                rows_to_run,
+                                args.profile,
+                                args.idle,
                             )
                         )
                 finally:
