@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
 from websockets.protocol import State
@@ -30,10 +29,11 @@ from websockets.protocol import State
 from presence_hub import codec
 from presence_hub.codec import Format
 from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.keepalive import PING, HeardConnection
 from presence_hub.metrics import Metrics
 from presence_hub.model import Device
 
-__all__ = ["BEHIND", "STORM_WINDOW", "Connection", "Flusher", "Update"]
+__all__ = ["BEHIND", "STORM_WINDOW", "Connection", "Flusher", "Update", "Watchers"]
 
 log = logging.getLogger(__name__)
 
@@ -236,18 +236,27 @@ class Flusher:
             self._metrics.update_latency.observe(now - origin)
 
 
+#: The watchers of one user on this node -> the highest ``ver`` of that user handed to
+#: each (-1: none yet). An update's fan-out reads and writes only this one map, not a
+#: map of each watcher's: with thousands of sockets each watcher's own objects are
+#: cold in the cache, and every object fewer read a delivery shows in its cost.
+Watchers = dict["Connection", int]
+
+
 class Connection:
     """One client socket: who it is, what it watches, and what it has yet to receive.
 
-    Updates wait in ``_pending``, one per watched user (a newer one replaces an older
-    one), until the ``Flusher`` writes them all at the end of the pass, with no task
-    switch. Only a socket whose transport is full gets a writer task, which sends
-    its backlog as soon as the socket drains, or closes it if it never does.
+    Updates wait, one per watched user (a newer one replaces an older one), until the
+    ``Flusher`` writes them all at the end of the pass, with no task switch. Only a
+    socket whose transport is full gets a writer task, which sends its backlog as
+    soon as the socket drains, or closes it if it never does.
     """
 
     # Tens of thousands of these live at once: no per-instance __dict__.
     __slots__ = (
-        "_pending",
+        "_first",
+        "_first_user",
+        "_more",
         "_pending_self",
         "_pump",
         "_scheduled",
@@ -269,7 +278,7 @@ class Connection:
 
     def __init__(
         self,
-        ws: ServerConnection,
+        ws: HeardConnection,
         fmt: Format,
         *,
         tenant: TenantId,
@@ -289,13 +298,17 @@ class Connection:
         self.session = session
         self.device = device
         self.send_timeout = send_timeout
-        #: Watched user -> highest ver handed to this socket.
-        self.watching: dict[UserId, int] = {}
-        self._pending: dict[UserId, Update] = {}
+        #: Each user this socket watches -> that user's watchers, this socket among them.
+        self.watching: dict[UserId, Watchers] = {}
+        #: The updates waiting for the next write: the first in a slot of its own (most
+        #: writes carry one: no map to fill and empty for it), any more by user.
+        self._first: Update | None = None
+        self._first_user: UserId | None = None
+        self._more: dict[UserId, Update] = {}
         self._pending_self: Update | None = None
         #: The ver of the last Self map this socket was given.
         self.self_ver = -1
-        #: Whether the flusher or the writer task will take ``_pending``.
+        #: Whether the flusher or the writer task will take the waiting updates.
         self._scheduled = False
         #: The writer of the backlog; it exists only while there is one.
         self._pump: asyncio.Task[None] | None = None
@@ -306,30 +319,51 @@ class Connection:
         self.expiry: asyncio.TimerHandle | None = None
 
     @staticmethod
-    def offer(conns: Iterable[Connection], user: UserId, update: Update) -> None:
-        """Hand each socket an update of a user it watches, unless it has a newer one.
+    def offer(watchers: Watchers, user: UserId, update: Update) -> None:
+        """Hand each watcher of ``user`` an update, unless it has a newer one.
 
         One call for all of a user's watchers, not one per socket, and the sockets it
         makes due go to the flusher together: at saturation this loop runs 150,000
         times a second, and a call per socket was a tenth of it."""
         ver = update.ver
         due: list[Connection] = []
-        for conn in conns:
-            watching = conn.watching
-            known = watching.get(user)
-            if known is None or ver <= known:
+        for conn, known in watchers.items():
+            if ver <= known:
                 continue
-            watching[user] = ver
-            pending = conn._pending
-            if user in pending:
+            watchers[conn] = ver  # a value replaced: the iteration goes on unharmed
+            first = conn._first
+            if first is None:
+                conn._first, conn._first_user = update, user
+            elif conn._first_user == user:
+                conn._first = update
                 conn.coalesced += 1
                 conn.flusher.coalesce()
-            pending[user] = update
+            else:
+                more = conn._more
+                if user in more:
+                    conn.coalesced += 1
+                    conn.flusher.coalesce()
+                more[user] = update
             if not conn._scheduled and conn.ready:  # as _schedule(), without the call
                 conn._scheduled = True
                 due.append(conn)
         if due:
             due[0].flusher.add_all(due)
+
+    def pending(self) -> dict[UserId, Update]:
+        """The updates waiting for the next write, by user, in the order they came."""
+        if self._first is None or self._first_user is None:
+            return dict(self._more)
+        return {self._first_user: self._first, **self._more}
+
+    def _take_pending(self) -> list[Update]:
+        first, self._first = self._first, None
+        if first is None:
+            return []
+        if not self._more:
+            return [first]
+        more, self._more = self._more, {}
+        return [first, *more.values()]
 
     def offer_self(self, update: Update) -> None:
         if update.ver <= self.self_ver:
@@ -355,18 +389,26 @@ class Connection:
             return 0
         self._scheduled = False
         own, self._pending_self = self._pending_self, None
-        batch, self._pending = self._pending, {}
         fmt = self.fmt
-        if own is None and len(batch) == 1:
+        first = self._first
+        if own is None and first is not None and not self._more:
             # The usual case below saturation: one update, no list to build.
-            (update,) = batch.values()
-            ws.transport.write(update.framed(fmt))
+            self._first = None
+            if ws.ping_due:  # the keepalive's ping, without a send() of its own
+                ws.ping_due = False
+                ws.transport.write(first.framed(fmt) + PING)
+            else:
+                ws.transport.write(first.framed(fmt))
             return 1
-        frames = [update.framed(fmt) for update in batch.values()]
+        batch = self._take_pending()
+        frames = [update.framed(fmt) for update in batch]
         if own is not None:
             frames.append(own.framed(fmt))
             self.metrics.sent("self").inc()
         if frames:  # a reply may have taken the pending Self along (send())
+            if ws.ping_due:
+                ws.ping_due = False
+                frames.append(PING)
             ws.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         return len(batch)
 
@@ -376,7 +418,7 @@ class Connection:
         self.ready = True
         if self._pending_self is not None and self._pending_self.ver <= welcomed_ver:
             self._pending_self = None
-        if self._pending or self._pending_self is not None:
+        if self._first is not None or self._pending_self is not None:
             self._schedule()
 
     def stop(self) -> None:
@@ -423,23 +465,21 @@ class Connection:
     async def _write_backlog(self) -> None:
         """Write the backlog as the socket drains; close the socket if it stalls."""
         try:
-            while self._pending or self._pending_self is not None:
+            while self._first is not None or self._pending_self is not None:
                 await asyncio.wait_for(self.ws.drain(), self.send_timeout)
                 own, self._pending_self = self._pending_self, None
-                batch, self._pending = self._pending, {}
+                batch = self._take_pending()
                 if own is not None:
                     await self._write(own.framed(self.fmt), "self")
                 if len(batch) == 1:
-                    (update,) = batch.values()
-                    await self._write(update.framed(self.fmt), "presence")
-                elif batch:
-                    updates = list(batch.values())
-                    for start in range(0, len(updates), BATCH):
-                        chunk = updates[start : start + BATCH]
+                    await self._write(batch[0].framed(self.fmt), "presence")
+                else:
+                    for start in range(0, len(batch), BATCH):
+                        chunk = batch[start : start + BATCH]
                         frame = codec.presences_frame([u.map for u in chunk])
                         await self.ws.send(codec.encode(frame, self.fmt))
                         self.metrics.sent("presences").inc()
-                self._delivered(batch.values())
+                self._delivered(batch)
         except TimeoutError:
             await self.close_stalled()
         except (ConnectionClosed, OSError):

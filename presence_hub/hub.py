@@ -22,7 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from presence_hub import codec
-from presence_hub.delivery import STORM_RATE, Connection, Flusher, Update
+from presence_hub.delivery import STORM_RATE, Connection, Flusher, Update, Watchers
 from presence_hub.errors import StoreUnavailable
 from presence_hub.ids import TenantId, UserId
 from presence_hub.metrics import Metrics
@@ -51,11 +51,11 @@ class Hub:
         self.store = store
         self.metrics = metrics
         self.listener = Listener(listen_redis, self._deliver, self._relistened, relays=relays)
-        #: presence channel -> local connections watching that user
-        self._watchers: dict[str, set[Connection]] = {}
-        #: tenant -> watched user -> (the user id, interned; its channel; the same set
-        #: of connections as in ``_watchers``)
-        self._watched: dict[TenantId, dict[UserId, tuple[UserId, str, set[Connection]]]] = {}
+        #: presence channel -> the local watchers of that user
+        self._watchers: dict[str, Watchers] = {}
+        #: tenant -> watched user -> (the user id, interned; its channel; the same
+        #: watchers as in ``_watchers``)
+        self._watched: dict[TenantId, dict[UserId, tuple[UserId, str, Watchers]]] = {}
         #: self channel -> local connections of that user
         self._owners: dict[str, set[Connection]] = defaultdict(set)
         self.connections: set[Connection] = set()
@@ -92,17 +92,16 @@ class Hub:
                 # one object compare at once.
                 user = UserId(sys.intern(user))
                 channel = keys.presence_channel(conn.tenant, user)
-                conns = {conn}
-                watched[user] = (user, channel, conns)
-                self._watchers[channel] = conns
+                watchers = {conn: -1}
+                watched[user] = (user, channel, watchers)
+                self._watchers[channel] = watchers
                 new.append(channel)
             else:
-                user, channel, conns = entry
+                user, channel, watchers = entry
                 # It may still wait for Redis' confirmation: the listener knows.
                 waiting.append(channel)
-                conns.add(conn)
-            if user not in watching:
-                watching[user] = -1
+                watchers.setdefault(conn, -1)
+            watching[user] = watchers
         self.metrics.subscriptions.set(len(self._watchers))
         if new or waiting:
             await listener.subscribe(new, waiting)
@@ -117,9 +116,9 @@ class Hub:
             entry = watched.get(user)
             if entry is None:
                 continue
-            _, channel, conns = entry
-            conns.discard(conn)
-            if not conns:
+            _, channel, watchers = entry
+            watchers.pop(conn, None)
+            if not watchers:
                 del watched[user]
                 del self._watchers[channel]
                 gone.append(channel)
@@ -199,8 +198,8 @@ class Hub:
         """A presence frame the node just committed, for the user's watchers here."""
         entry = self._watched.get(tenant, {}).get(user)
         if entry is not None:
-            interned, _, conns = entry
-            Connection.offer(conns, interned, Update(packed, frame, origin))
+            interned, _, watchers = entry
+            Connection.offer(watchers, interned, Update(packed, frame, origin))
             if origin is not None:
                 self.flusher.arrived(origin)
 
@@ -218,14 +217,14 @@ class Hub:
             for tenant, watched in list(self._watched.items()):
                 entries = list(watched.values())
                 stored = await self.store.frames(tenant, [user for user, _, _ in entries])
-                for (user, _, conns), raw in zip(entries, stored, strict=True):
+                for (user, _, watchers), raw in zip(entries, stored, strict=True):
                     # Forwarded as stored, as a published update is.
                     if raw is None:
                         frame = codec.presence_frame(user, View())
                         update = Update(codec.pack(frame), frame)
                     else:
                         update = Update(raw, codec.unpack(raw))
-                    Connection.offer(conns, user, update)
+                    Connection.offer(watchers, user, update)
             for owners in list(self._owners.values()):
                 if not owners:
                     continue

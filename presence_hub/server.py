@@ -23,7 +23,6 @@ from redis.asyncio import Redis
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from presence_hub import codec, model, rules
@@ -35,6 +34,7 @@ from presence_hub.delivery import Connection
 from presence_hub.errors import AuthError, StoreError, UnsafeRedis
 from presence_hub.hub import Hub
 from presence_hub.ids import SessionId
+from presence_hub.keepalive import HeardConnection, keep_alive
 from presence_hub.limits import AddressRates
 from presence_hub.metrics import Metrics
 from presence_hub.session import Session, SessionContext
@@ -49,26 +49,6 @@ __all__ = ["WS_PATH", "Node"]
 log = logging.getLogger(__name__)
 
 WS_PATH: Final = "/v1/ws"
-#: Seconds between two slices of a keepalive round, at least, and pings per slice, at
-#: most: a round has as few slices as that allows, so that a node with few sockets
-#: wakes up a few times a round rather than twenty times a second.
-KEEPALIVE_SLICE: Final = 0.05
-PINGS_PER_SLICE: Final = 100
-#: A ping frame without payload (a server's frames are not masked).
-PING: Final = b"\x89\x00"
-
-
-class HeardConnection(ServerConnection):
-    """A server connection that counts the reads of its socket. Anything read after a
-    ping, its pong or any other frame, shows the peer alive, so the keepalive writes
-    one constant frame and compares counts, where websockets' ``ping()`` makes a
-    payload, a future and a frame for each."""
-
-    heard = 0
-
-    def data_received(self, data: bytes) -> None:
-        self.heard += 1
-        super().data_received(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +146,10 @@ class Node:
             self._tasks.append(asyncio.create_task(dispatcher.run(), name="webhooks"))
         self._tasks.append(asyncio.create_task(self._keep_lease(), name="lease"))
         self._tasks.append(
-            asyncio.create_task(self._keep_alive(self.settings.keepalive), name="keepalive")
+            asyncio.create_task(
+                keep_alive(lambda: [c.ws for c in self.hub.connections], self.settings.keepalive),
+                name="keepalive",
+            )
         )
         self._server = await serve(
             self._handle,
@@ -282,40 +265,6 @@ class Node:
             except StoreError as exc:
                 log.warning("lease not renewed: %s", exc)
 
-    async def _keep_alive(self, every: float) -> None:
-        """Ping every socket once a round; a socket that has not been heard from since
-        the previous round's ping, sent at least half a round ago, is dead (a
-        half-open TCP connection) and is closed, so its session drops.
-
-        A round is spread over slices of at most PINGS_PER_SLICE sockets: thousands of
-        pings written in one pass of the event loop, and their pongs read in the next,
-        would hold up every delivery for as long."""
-        loop = asyncio.get_running_loop()
-        #: Socket -> when its last ping went out, and how often it had been heard then.
-        pinged: dict[Connection, tuple[float, int]] = {}
-        most = max(1, round(every / KEEPALIVE_SLICE))
-        while True:
-            this_round: dict[Connection, tuple[float, int]] = {}
-            conns = list(self.hub.connections)
-            slices = min(most, max(1, -(-len(conns) // PINGS_PER_SLICE)))
-            size = -(-len(conns) // slices)  # rounded up
-            for n in range(slices):
-                await asyncio.sleep(every / slices)
-                for conn in conns[n * size : (n + 1) * size]:
-                    ws = cast(HeardConnection, conn.ws)
-                    if ws.paused or ws.protocol.state is not State.OPEN:
-                        continue  # a full socket is the backlog writer's to judge (send_timeout)
-                    previous = pinged.get(conn)
-                    if previous is not None and ws.heard == previous[1]:
-                        if loop.time() - previous[0] >= every / 2:
-                            ws.transport.abort()
-                        else:
-                            this_round[conn] = previous
-                        continue
-                    ws.transport.write(PING)
-                    this_round[conn] = (loop.time(), ws.heard)
-            pinged = this_round
-
     # --- The handshake --------------------------------------------------------------
 
     async def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
@@ -370,7 +319,7 @@ class Node:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.socket_send_buffer)
         conn = Connection(
-            ws,
+            cast(HeardConnection, ws),  # serve(create_connection=HeardConnection)
             FORMATS.get(ws.subprotocol or "", "msgpack"),
             tenant=claims.tenant,
             user=claims.user,

@@ -268,9 +268,9 @@ class Session:
         presences = []
         for user, view in zip(unique, views, strict=True):
             ver = view.ver
-            handed = watching.get(user)
-            if handed is not None and ver > handed:
-                watching[user] = ver
+            watchers = watching.get(user)
+            if watchers is not None and ver > watchers[conn]:
+                watchers[conn] = ver
             if not known or known.get(user) != ver:
                 presences.append(codec.Presence(user, view.status, view.message, view.since, ver))
         return presences

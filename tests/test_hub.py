@@ -11,12 +11,12 @@ from typing import cast
 
 import pytest
 from redis.asyncio import Redis
-from websockets.asyncio.server import ServerConnection
 
 from presence_hub import codec
 from presence_hub.delivery import Connection
 from presence_hub.hub import Hub
 from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.keepalive import HeardConnection
 from presence_hub.metrics import Metrics
 from presence_hub.model import ManualStatusSet, MessageSet, SessionOpened, View
 from presence_hub.store import EmbeddedRedis, PresenceStore, keys
@@ -31,7 +31,7 @@ def watcher(hub: Hub, user: UserId) -> Connection:
     """A socket that has not had its welcome yet: what the hub hands it stays pending,
     where the test can read it."""
     return Connection(
-        cast(ServerConnection, None),
+        cast(HeardConnection, None),
         "json",
         tenant=ACME,
         user=user,
@@ -73,9 +73,9 @@ async def test_an_update_reaches_the_watchers_of_its_user_only(
     await hub.watch(bob, [ALICE])
     await hub.watch(carol, [DAVE])
     frame = await publish(own_redis_server, ALICE, View(status="busy", ver=3))
-    await eventually(lambda: ALICE in bob._pending)
-    assert bob._pending[ALICE].map == frame
-    assert carol._pending == {}
+    await eventually(lambda: ALICE in bob.pending())
+    assert bob.pending()[ALICE].map == frame
+    assert carol.pending() == {}
 
 
 async def test_a_watcher_that_gives_up_does_not_cancel_the_others_wait(hub: Hub) -> None:
@@ -87,7 +87,10 @@ async def test_a_watcher_that_gives_up_does_not_cancel_the_others_wait(hub: Hub)
     await asyncio.sleep(0)
     gives_up.cancel()
     await asyncio.wait_for(waits, timeout(10))
-    assert second.watching == {ALICE: -1, DAVE: -1}
+    assert {user: watchers[second] for user, watchers in second.watching.items()} == {
+        ALICE: -1,
+        DAVE: -1,
+    }
     assert hub.subscriptions == 2
 
 
@@ -99,7 +102,8 @@ async def test_the_last_watcher_to_leave_releases_the_user(
     await hub.watch(carol, [DAVE, DAVE])
     assert hub.subscriptions == 2
     hub.unwatch(bob, [ALICE, DAVE, UserId("erin")])
-    assert (bob.watching, carol.watching) == ({}, {DAVE: -1})
+    assert (bob.watching, list(carol.watching)) == ({}, [DAVE])
+    assert carol.watching[DAVE] == {carol: -1}
     assert hub.subscriptions == 1
     hub.leave(carol)
     assert hub.subscriptions == 0
@@ -108,10 +112,10 @@ async def test_the_last_watcher_to_leave_releases_the_user(
     assert hub.subscriptions == 1
     await publish(own_redis_server, DAVE, View(status="busy", ver=3))
     erin = await publish(own_redis_server, UserId("erin"), View(status="dnd", ver=1))
-    await eventually(lambda: UserId("erin") in bob._pending)
-    assert bob._pending[UserId("erin")].map == erin
-    assert DAVE not in bob._pending
-    assert DAVE not in carol._pending
+    await eventually(lambda: UserId("erin") in bob.pending())
+    assert bob.pending()[UserId("erin")].map == erin
+    assert DAVE not in bob.pending()
+    assert DAVE not in carol.pending()
 
 
 async def test_listening_again_hands_every_watcher_the_stored_truth(
@@ -124,16 +128,16 @@ async def test_listening_again_hands_every_watcher_the_stored_truth(
     await hub.store.apply(ACME, ALICE, SessionOpened(SessionId("s1"), "desktop", "elsewhere"))
     await hub.store.apply(ACME, ALICE, ManualStatusSet("busy"))
     await hub.store.apply(ACME, BOB, MessageSet("at lunch"))
-    assert bob._pending == {}
+    assert bob.pending() == {}
     listen_admin = Redis.from_url(own_redis_server.url)
     await listen_admin.client_kill_filter(_type="pubsub")
     await listen_admin.aclose()
 
-    await eventually(lambda: len(bob._pending) == 2 and bob._pending_self is not None, wait=30)
+    await eventually(lambda: len(bob.pending()) == 2 and bob._pending_self is not None, wait=30)
     (stored,) = await hub.store.frames(ACME, [ALICE])
-    assert bob._pending[ALICE].raw == stored
-    assert bob._pending[ALICE].map["status"] == "busy"
+    assert bob.pending()[ALICE].raw == stored
+    assert bob.pending()[ALICE].map["status"] == "busy"
     # Never seen: offline at ver 0.
-    assert bob._pending[CAROL].map == codec.presence_frame(CAROL, View())
+    assert bob.pending()[CAROL].map == codec.presence_frame(CAROL, View())
     assert bob._pending_self is not None
     assert bob._pending_self.map["message"] == "at lunch"
