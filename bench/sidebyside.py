@@ -606,10 +606,17 @@ def main() -> None:
         help="with --instructions: keep callgrind's files there, for callgrind_annotate",
     )
     args = parser.parse_args()
+    named = [] if args.rows is None else [r.strip() for r in args.rows.split(",")]
+    unknown = set(named) - {row_name(*row) for row in ROWS}
+    if unknown:
+        parser.error(
+            f"no such row: {', '.join(sorted(unknown))}; the rows: "
+            + ", ".join(row_name(*row) for row in ROWS)
+        )
     rows_to_run = [
         (u, k, rate)
         for u, k, rate in ROWS
-        if (args.rows is None or row_name(u, k, rate) in args.rows.split(","))
+        if (not named or row_name(u, k, rate) in named)
         and (not args.quick or (u == 1000 and rate is not None))
     ]
     install_peers()

@@ -44,8 +44,7 @@ class HeardConnection(ServerConnection):
     keepalive's state.
 
     A read that is just the pong of a ping, between two frames, is counted and
-    dropped: websockets would parse it into a frame and an event that it ignores, half
-    of what a ping costs in instructions."""
+    dropped: websockets would parse it into a frame and an event that it ignores."""
 
     #: Reads of the socket so far.
     heard = 0
