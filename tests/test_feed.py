@@ -268,8 +268,11 @@ async def test_a_reader_that_stops_reading_costs_the_hub_one_round_then_gets_eve
     try:
         await hub.ready()
         users = [f"s{n}" for n in range(1000)]
-        for user in users:  # an offline user's calls change nothing that observers see
-            await Client.connect(hub.url, make_token(user, tenant="stall"))
+        # An offline user's calls change nothing that observers see. Each client reads
+        # on (no flow control), so that it answers the hub's pings however long its
+        # own updates go unread, and stays online.
+        for user in users:
+            await Client.connect(hub.url, make_token(user, tenant="stall"), max_queue=None)
         producer = {"Authorization": f"Bearer {make_token('crm', tenant='stall', role='producer')}"}
         # aiohttp stops reading a response nobody reads once its buffer is full, then the
         # sockets' buffers fill (the receiver's kept small here; the hub's may grow to 4
