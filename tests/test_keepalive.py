@@ -158,7 +158,7 @@ async def test_a_round_pings_each_socket_once_in_a_write_of_its_own_or_of_its_up
     pair: Pair,
 ) -> None:
     every = 2.0
-    sockets = [await client(pair) for _ in range(8)]
+    sockets = [await client(pair, max_queue=None) for _ in range(8)]  # they read on
     writes = [recorded(ws) for _, ws in sockets]
     metrics = Metrics()
     busy = connection(sockets[0][1], metrics)

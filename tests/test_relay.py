@@ -134,7 +134,7 @@ async def test_a_relay_that_comes_back_leaves_watchers_with_the_truth(
 
 
 async def test_a_relay_that_lost_redis_hands_its_workers_the_truth_once_back(
-    start_node: StartNode, own_redis_server: EmbeddedRedis, tmp_path: Path
+    own_redis_server: EmbeddedRedis, start_node: StartNode, tmp_path: Path
 ) -> None:
     path = tmp_path / "relay-0.sock"
     async with (
