@@ -6,7 +6,9 @@
     bench/bench.py ingest      producer events through POST /v1/events and WebSocket frames
     bench/bench.py connect     10,000 clients connect and subscribe to 50 contacts each,
                                against a hub of one worker process, then of two
-    bench/bench.py idle        10,000 idle connections: hub memory per connection
+    bench/bench.py idle        10,000 idle connections: hub memory per connection; the CPU and
+                               wake-ups a second of a hub without connections, and the CPU of
+                               one wake-up of an asyncio loop that only sleeps
     bench/bench.py cores       1,000 changes per second with --workers 1, 2, and 2 on a relay
                                (the workers' CPU a delivery, the relay's a change apart)
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
@@ -407,8 +409,47 @@ def _accepted(reply: ServerFrame) -> bool:
     return reply.type == "ok" and reply.result is not None and reply.result != "rejected"
 
 
+def quiet_cost(procs: list[psutil.Process], seconds: float) -> dict[str, float]:
+    """CPU and wake-ups (voluntary context switches) a second of processes left alone."""
+    cpu, wakeups = cpu_seconds(procs), sum(p.num_ctx_switches().voluntary for p in procs)
+    time.sleep(seconds)
+    wakeups = sum(p.num_ctx_switches().voluntary for p in procs) - wakeups
+    return {
+        "cpu_ms_per_s": round((cpu_seconds(procs) - cpu) / seconds * 1000, 2),
+        "wakeups_per_s": round(wakeups / seconds, 1),
+    }
+
+
+#: An asyncio loop that only sleeps, RATE times a second.
+SLEEPER = """
+import asyncio, sys
+async def sleep() -> None:
+    while True:
+        await asyncio.sleep(1 / float(sys.argv[1]))
+asyncio.run(sleep())
+"""
+
+
+def wakeup_floor(rate: float = 10, seconds: float = 20) -> float:
+    """The CPU, in microseconds, of one wake-up of an asyncio loop that does nothing
+    else: what each timer of an idle node costs on this machine at least."""
+    process = subprocess.Popen([sys.executable, "-c", SLEEPER, str(rate)])
+    try:
+        time.sleep(2)
+        cost = quiet_cost([psutil.Process(process.pid)], seconds)
+    finally:
+        process.kill()
+        process.wait()
+    return round(cost["cpu_ms_per_s"] * 1000 / cost["wakeups_per_s"], 1)
+
+
 def idle(count: int = 10000) -> dict[str, Any]:
+    """Memory per connection; and the CPU and wake-ups of a node without any, beside
+    those of a loop that only sleeps."""
+    floor = wakeup_floor()
     with hub() as (ws, http, procs):
+        time.sleep(5)  # past the start's own work
+        alone = quiet_cost(procs, 20)
         before = sum(p.memory_info().rss for p in procs)
         report = loadtest(
             ws, http, procs, "--clients", str(count), "--contacts", "0", "--rate", "0",
@@ -421,6 +462,9 @@ def idle(count: int = 10000) -> dict[str, Any]:
             "hub_rss_with_connections_mib": report["hub_rss_mib"],
             "kib_per_connection": round((after - before) / max(1, report["connected"]) / 1024, 1),
             "errors": report["errors"],
+            "hub_without_connections_cpu_ms_per_s": alone["cpu_ms_per_s"],
+            "hub_without_connections_wakeups_per_s": alone["wakeups_per_s"],
+            "sleeping_loop_cpu_us_per_wakeup": floor,
         }
 
 

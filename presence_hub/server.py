@@ -250,7 +250,7 @@ class Node:
 
     async def _keep_lease(self) -> None:
         while True:
-            await asyncio.sleep(min(1.0, self.registry.renew_every))
+            await asyncio.sleep(self.registry.renew_every)
             try:
                 if not await self.registry.renew():
                     log.error("node %s was declared dead; closing its sockets", self.id)

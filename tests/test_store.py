@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,12 +33,15 @@ from presence_hub.model import (
     View,
 )
 from presence_hub.store import EVENT_TTL, EmbeddedRedis, PresenceStore, keys
+from presence_hub.store.alarm import Alarm
 from presence_hub.store.clients import open_redis
 from presence_hub.store.scripts import ScriptBatcher, ScriptCall
-from tests.utils import Clock, timeout
+from tests.utils import Clock, eventually, timeout
 
 ACME = TenantId("acme")
 ALICE = UserId("alice")
+BOB = UserId("bob")
+CAROL = UserId("carol")
 DESK = SessionOpened(SessionId("s1"), "desktop", "node-a")
 
 
@@ -273,6 +277,74 @@ async def test_a_timer_whose_node_died_before_committing_fires_again(
     clock.advance(31)
     assert await store.fire_due_timers() == 1
     assert (await store.views(ACME, [ALICE]))[0].status == "away"
+
+
+async def cleared(pubsub: PubSub, count: int) -> list[str]:
+    """The users whose messages were cleared, in that order, from the frames published."""
+    had: set[str] = set()
+    found: list[str] = []
+    while len(found) < count:
+        frame = await next_frame(pubsub)
+        if frame["message"] is not None:
+            had.add(frame["user"])
+        elif frame["user"] in had:
+            had.discard(frame["user"])
+            found.append(frame["user"])
+    return found
+
+
+@asynccontextmanager
+async def polling(store: PresenceStore) -> AsyncIterator[list[float]]:
+    """The store's timer loop, running; the times its polls ended."""
+    polls: list[float] = []
+    fire = store.fire_due_timers
+
+    async def counted(limit: int = 200) -> int:
+        fired = await fire(limit)
+        polls.append(time.time())
+        return fired
+
+    store.fire_due_timers = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(store.run_timers())
+    try:
+        yield polls
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_timer_poll_sleeps_until_the_next_due_time_it_found_or_was_told(
+    redis: Redis, redis_server: EmbeddedRedis
+) -> None:
+    node_a = PresenceStore(redis)
+    node_a.alarm = Alarm(time.time, most=3600)  # no poll but for the due times it knows
+    other_connection = Redis.from_url(redis_server.url)
+    node_b = PresenceStore(other_connection)  # commits, never polls
+    channels = [keys.presence_channel(ACME, u) for u in (ALICE, BOB)]
+    async with listening(redis, *channels) as pubsub:
+        await node_b.apply(ACME, BOB, DESK)
+        await node_b.apply(ACME, BOB, MessageSet("back soon", expires_at=time.time() + 0.5))
+        async with polling(node_a) as polls:
+            # Bob's due time, set by node B, is found by node A's first poll.
+            assert await cleared(pubsub, 1) == ["bob"]
+            # Alice's, set by node A while it sleeps, is told by her commit.
+            await node_a.apply(ACME, ALICE, DESK)
+            await node_a.apply(ACME, ALICE, MessageSet("brb", expires_at=time.time() + 0.5))
+            assert await cleared(pubsub, 1) == ["alice"]
+        # Five times a second made five polls or more by now: this is one at the start
+        # and one at each due time (or two, should the clock not have reached it).
+        assert len(polls) <= 5, polls
+
+        # A due time set after a node's poll, by a node that does not fire it, is found
+        # by the next poll, at most MAX_POLL later.
+        await pubsub.subscribe(keys.presence_channel(ACME, CAROL))
+        await pubsub.get_message(timeout=timeout(5))
+        async with polling(PresenceStore(redis)) as polls:
+            await eventually(lambda: len(polls) > 0)
+            await node_b.apply(ACME, CAROL, DESK)
+            await node_b.apply(ACME, CAROL, MessageSet("away", expires_at=time.time() + 0.1))
+            assert await cleared(pubsub, 1) == ["carol"]
+    await other_connection.aclose()
 
 
 WORKER = """

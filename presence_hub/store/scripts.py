@@ -38,7 +38,7 @@ class PackedKeys(tuple[str, ...]):
     """Keys that a script is called with again and again, packed for the wire once.
 
     hiredis' packer costs about 1,400 instructions an argument (a ``sprintf`` and an
-    allocation each), and the timer poll names all 256 buckets five times a second
+    allocation each), and the timer poll names all 256 buckets at least once a second
     (docs/PERFORMANCE.md). The held connection sends ``resp`` as it is; anywhere else
     these are keys like any others."""
 

@@ -28,6 +28,7 @@ from presence_hub.errors import StoreContention, StoreError, StoreUnavailable
 from presence_hub.ids import TenantId, UserId
 from presence_hub.model import Outcome, TimerFired, UserState, View
 from presence_hub.store import keys
+from presence_hub.store.alarm import Alarm
 from presence_hub.store.clients import RedisClient, describe, redis_errors
 from presence_hub.store.corrupt import CorruptRecords
 from presence_hub.store.feed import ChangeFeed
@@ -162,6 +163,8 @@ class PresenceStore:
         #: One pipeline per pass of the event loop for its script calls; other parts of
         #: the node (the session index) send theirs through it too.
         self.batcher = ScriptBatcher(redis)
+        #: When the timer poll next looks: told each due time this node commits.
+        self.alarm = Alarm(clock)
         #: Given each committed frame. A Self frame is then published only for sessions
         #: on other nodes (``node`` says which are this node's), a presence frame only
         #: for listeners other than this node.
@@ -313,6 +316,9 @@ class PresenceStore:
         view = b""
         seen = None
         witness = ""
+        due = outcome.due
+        if due is not None:
+            self.alarm.due(due)
         if outcome.view:
             frame = codec.presence_frame(user, outcome.view)
             view = codec.pack(frame)
@@ -341,7 +347,7 @@ class PresenceStore:
                 view,
                 published,
                 keys.member(tenant, user),
-                "" if outcome.due is None else repr(outcome.due),
+                "" if due is None else repr(due),
                 keys.presence_channel(tenant, user),
                 keys.self_channel(tenant, user),
                 self._event_ttl,
@@ -569,11 +575,13 @@ class PresenceStore:
         return int(rev), await self.corrupt.decode(tenant, user, rev, blob), seen
 
     async def fire_due_timers(self, limit: int = 200) -> int:
-        """Fire every due timer this node can claim; returns how many it fired.
+        """Fire every due timer this node can claim; returns how many it fired, and
+        tells the alarm the earliest due time left.
 
         Every partition's bucket is claimed in one round trip: on a single Redis one
         script call, which joins the batcher's; on a cluster (whose scripts may only
         touch one slot) one call per bucket, pipelined."""
+        self.alarm.polling()
         now = self._clock()
         args = [repr(now), limit, repr(now + CLAIM_RETRY)]
         with redis_errors():
@@ -583,12 +591,11 @@ class PresenceStore:
                 )
             else:
                 replies = [await self.batcher((self._claim, _TIMER_BUCKETS, args))]
-        users = [
-            keys.parse_member(m.decode())
-            for reply in replies
-            if not isinstance(reply, Exception)
-            for m in reply
-        ]
+        answered = [reply for reply in replies if not isinstance(reply, Exception)]
+        users = [keys.parse_member(m.decode()) for reply in answered for m in reply[1:]]
+        for reply in answered:
+            if reply[0]:
+                self.alarm.due(float(reply[0]))
         with redis_errors():
             await asyncio.gather(*(self._apply(t, u, TimerFired(), None) for t, u in users))
         failed = next((r for r in replies if isinstance(r, Exception)), None)
@@ -597,8 +604,9 @@ class PresenceStore:
             raise StoreUnavailable(describe(failed))
         return len(users)
 
-    async def run_timers(self, interval: float = 0.2) -> None:
-        """Fire due timers until cancelled; survives Redis outages."""
+    async def run_timers(self) -> None:
+        """Fire due timers until cancelled, each at its due time (``store.alarm``);
+        survives Redis outages."""
         while True:
             try:
                 fired = await self.fire_due_timers()
@@ -609,8 +617,8 @@ class PresenceStore:
             except StoreContention as exc:
                 log.warning("timer deferred: %s", exc)
                 fired = 0
-            if not fired:
-                await asyncio.sleep(interval)
+            if not fired:  # else more may be due than one claim takes
+                await self.alarm.sleep()
 
 
 def _raise_error(reply: Any) -> Any:
