@@ -268,6 +268,11 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def wakeups(pid: int) -> int:
+    """Times the server's main thread (its event loop) went to sleep and woke up."""
+    return int(psutil.Process(pid).num_ctx_switches().voluntary)
+
+
 @contextlib.contextmanager
 def server(
     kind: str,
@@ -429,6 +434,7 @@ async def run_target(
             await settle(stats)
             stats.deliveries, stats.latencies = 0, []
             server_before, me_before = cpu_seconds(pid), me.cpu_times()
+            woke_before = wakeups(pid)
             wall = time.monotonic()
             name = row_name(u, k, rate)
             # At a low rate a short row is a few hundred changes, and a keepalive round
@@ -443,6 +449,7 @@ async def run_target(
             await settle(stats)
             wall = time.monotonic() - wall
             server_cpu = cpu_seconds(pid) - server_before
+            woke = wakeups(pid) - woke_before
             mine = me.cpu_times()
             generator_cpu = (mine.user + mine.system) - (me_before.user + me_before.system)
             stale = sum(
@@ -466,6 +473,7 @@ async def run_target(
                     "server_cpu_us_per_expected": round(server_cpu / max(expected, 1) * 1e6, 2),
                     "server_cpu_us_per_change": round(server_cpu / max(sent, 1) * 1e6, 1),
                     "server_cpu_share": round(server_cpu / wall, 2),
+                    "server_wakeups_per_change": round(woke / max(sent, 1), 2),
                     "generator_cpu_share": round(generator_cpu / wall, 2),
                     "p50_ms": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
                     "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1) if lat else None,
