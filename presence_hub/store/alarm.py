@@ -6,7 +6,9 @@ the node tells the due time it set; so the poll sleeps until the first of those
 instead of waking five times a second to find nothing. An idle node then wakes once
 a ``MAX_POLL`` for its timers. What it cannot know, a due time another node set after
 this node's last poll, that node fires itself; the poll every ``MAX_POLL`` is for the
-timers of a node that stopped before their time.
+timers of a node that stopped before their time. It also catches, on a Redis Cluster,
+a commit of this node's that reached its shard after a poll that began later had read
+it (on a single Redis both go through the batcher, in order).
 """
 
 from __future__ import annotations
