@@ -42,6 +42,18 @@ RedisClient: TypeAlias = Redis | RedisCluster
 CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
+#: What every client of the hub speaks, whatever redis-py's defaults: RESP2, whose
+#: replies and pub/sub messages the hub parses itself (``store.scripts``,
+#: ``store.pubsub``), and reads that wait as long as Redis takes (the listener's
+#: connection is quiet for as long as nothing changes). redis-py 8 defaults to RESP3
+#: and to 5-second reads.
+_WIRE: Final[dict[str, Any]] = {
+    "protocol": 2,
+    "socket_timeout": None,
+    "socket_connect_timeout": None,
+}
+
+
 def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0] in CLUSTER_SCHEMES
 
@@ -56,9 +68,9 @@ def open_redis(url: str, *, max_connections: int = 128, listener: bool = False) 
     scheme, _, rest = url.partition("://")
     if scheme in CLUSTER_SCHEMES:
         return BoundedRedisCluster.from_url(
-            f"{CLUSTER_SCHEMES[scheme]}://{rest}", max_connections=max_connections
+            f"{CLUSTER_SCHEMES[scheme]}://{rest}", max_connections=max_connections, **_WIRE
         )
-    options: dict[str, object] = {"max_connections": max_connections, "timeout": 30}
+    options: dict[str, object] = {"max_connections": max_connections, "timeout": 30, **_WIRE}
     if listener:
         options["retry"] = Retry(NoBackoff(), 0)
     pool = BlockingConnectionPool.from_url(url, **options)
