@@ -12,7 +12,9 @@
     bench/bench.py cores       1,000 changes per second with --workers 1, 2, and 2 on a relay
                                (the workers' CPU a delivery, the relay's a change apart)
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
-    bench/bench.py floor       the kernel's CPU cost of one loopback send(), without any hub
+    bench/bench.py floor       without any hub: the kernel's CPU cost of one loopback send(),
+                               and a server's for a request that waits for one Redis round
+                               trip, asleep in asyncio's loop and spinning on the socket
     bench/bench.py micro       the hub's per-event pieces: one rules transition, decoding a
                                state, packing a commit command (redis-py's packer and hiredis'),
                                packing a state and decoding a stored view (msgpack and msgspec),
@@ -89,6 +91,18 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def wait_for_port(port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextmanager
@@ -461,6 +475,96 @@ def wakeup_floor(sleeper: str, rate: float = 10, seconds: float = 20) -> float:
     return round(cost["cpu_ms_per_s"] * 1000 / cost["wakeups_per_s"], 1)
 
 
+#: A server that answers each byte a client sends once Redis answered a PING for it,
+#: waiting for Redis' reply asleep in asyncio's loop (as the hub waits for a commit) or
+#: spinning on the socket without sleeping: argv is Redis' port, its own, and the way.
+REPLY_WAITER = """
+import asyncio, socket, sys, time
+redis = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+redis.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+redis.setblocking(False)
+spin = sys.argv[3] == "spinning"
+waiting = []
+def replied():
+    for _ in range(redis.recv(65536).count(b"\\r\\n")):
+        waiting.pop(0).write(b"k")
+class Server(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        for _ in data:
+            redis.send(b"PING\\r\\n")
+            give_up = time.monotonic() + 0.002
+            while spin and time.monotonic() < give_up:
+                try:
+                    redis.recv(65536)
+                except BlockingIOError:
+                    continue
+                self.transport.write(b"k")
+                break
+            else:
+                waiting.append(self.transport)
+async def main():
+    loop = asyncio.get_running_loop()
+    loop.add_reader(redis.fileno(), replied)
+    await loop.create_server(Server, "127.0.0.1", int(sys.argv[2]))
+    await asyncio.Future()
+asyncio.run(main())
+"""
+
+
+def round_trip_floor(way: str, rate: float = 200, count: int = 2000) -> float:
+    """The CPU, in microseconds, that a server (on core 0) spends on a request that
+    waits for one Redis round trip (Redis and the client on core 1), ``way`` being
+    "asleep" or "spinning": whether a server that spins through Redis' reply spends
+    less than the wake-up it saves."""
+    with tempfile.TemporaryDirectory() as data:
+        redis_port, port = free_port(), free_port()
+        redis = subprocess.Popen(
+            ["taskset", "-c", "1", find_redis_server(), "--port", str(redis_port),
+             "--save", "", "--appendonly", "no", "--dir", data],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_port(redis_port)
+        server = subprocess.Popen(
+            ["taskset", "-c", "0", sys.executable, "-c", REPLY_WAITER, str(redis_port),
+             str(port), way],
+        )  # fmt: skip
+        affinity = os.sched_getaffinity(0)
+        try:
+            wait_for_port(port)
+            os.sched_setaffinity(0, {1})
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                before = run_time([psutil.Process(server.pid)])
+                due = time.monotonic()
+                for _ in range(count):
+                    due += 1 / rate
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    client.send(b"x")
+                    client.recv(1)
+                spent = run_time([psutil.Process(server.pid)]) - before
+        finally:
+            os.sched_setaffinity(0, affinity)
+            for process in (server, redis):
+                process.kill()
+                process.wait()
+    return round(spent / count * 1e6, 1)
+
+
+def floor() -> dict[str, Any]:
+    """What this machine charges for a ``send()``, and for waiting on Redis' reply."""
+    ways = ("asleep", "spinning") * 2  # in turn: the machine drifts
+    spent: dict[str, list[float]] = {}
+    for way in ways:
+        spent.setdefault(way, []).append(round_trip_floor(way))
+    return {
+        **send_floor(),
+        "redis_round_trip_cpu_us_asleep": spent["asleep"],
+        "redis_round_trip_cpu_us_spinning": spent["spinning"],
+    }
+
+
 def idle(count: int = 10000) -> dict[str, Any]:
     """Memory per connection; and the CPU and wake-ups of a node without any, beside
     those of a loop that only sleeps."""
@@ -779,7 +883,7 @@ def run(scenario: str) -> Any:
             "workers_2_relays_1": fanout([1000], workers=2, relays=1),
         },
         "nodes": nodes,
-        "floor": send_floor,
+        "floor": floor,
         "micro": micro,
         "instructions": instructions,
         "feed": feed,
