@@ -306,7 +306,7 @@ async def readyz(request: web.Request) -> web.Response:
     node = request.app[NODE]
     problems = []
     try:
-        await node.store.redis.ping()  # type: ignore[misc]
+        await node.store.redis.ping()
     except Exception:  # any failure to answer means not ready
         problems.append("redis does not answer")
     if not node.accepting:

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp
 
@@ -100,19 +100,19 @@ class Webhooks:
         with redis_errors():
             cursor = _part(hook.key, "cursor")
             await self.redis.set(cursor, str(await self.feed.present()), nx=True)
-            await self.redis.hset(WEBHOOKS_KEY, hook.key, json.dumps(asdict(hook)))  # type: ignore[misc]
+            await self.redis.hset(WEBHOOKS_KEY, hook.key, json.dumps(asdict(hook)))
         self.added.set()
 
     async def delete(self, tenant: TenantId, name: str) -> bool:
         key = f"{tenant}/{name}"
         with redis_errors():
-            removed: int = await self.redis.hdel(WEBHOOKS_KEY, key)  # type: ignore[misc]
+            removed: int = await self.redis.hdel(WEBHOOKS_KEY, key)
             await self.redis.delete(*(_part(key, p) for p in ("cursor", "owner", "status")))
         return removed > 0
 
     async def all(self) -> list[Webhook]:
         with redis_errors():
-            found: dict[bytes, bytes] = await self.redis.hgetall(WEBHOOKS_KEY)  # type: ignore[misc]
+            found = cast("dict[bytes, bytes]", await self.redis.hgetall(WEBHOOKS_KEY))
         return [Webhook(**json.loads(v)) for _, v in sorted(found.items())]
 
     async def of(self, tenant: TenantId) -> list[Webhook]:
@@ -121,7 +121,7 @@ class Webhooks:
     async def status(self, hook: Webhook) -> dict[str, Any]:
         with redis_errors():
             raw = await self.redis.get(_part(hook.key, "status"))
-            cursor = await self.redis.get(_part(hook.key, "cursor"))
+            cursor = cast("bytes | None", await self.redis.get(_part(hook.key, "cursor")))
         status = json.loads(raw) if raw else asdict(Status())
         status["cursor"] = cursor.decode() if cursor else None
         status["failing"] = status["failures_in_a_row"] >= FAILING
@@ -192,7 +192,7 @@ class WebhookDispatcher:
         while True:
             try:
                 with redis_errors():
-                    raw = await self.redis.get(_part(hook.key, "cursor"))
+                    raw = cast("bytes | None", await self.redis.get(_part(hook.key, "cursor")))
                 after = Cursor.parse(raw.decode()) if raw else await self.feed.present()
                 self.feed.check(after)
                 changes, position, caught_up = await self.feed.read(

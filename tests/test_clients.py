@@ -24,14 +24,14 @@ async def test_a_bounded_pool_makes_callers_wait_instead_of_failing(
 
     # 40 blocking reads at once: each holds a connection until its key arrives.
     async def read(key: str) -> Any:
-        return await bounded.blpop([key], timeout=30)  # type: ignore[misc]
+        return await bounded.blpop([key], timeout=30)
 
     readers = [asyncio.create_task(read(f"q{n}")) for n in range(40)]
     await asyncio.sleep(0.2)
     clients = await redis.client_list()
     assert sum(1 for c in clients if c["cmd"] == "blpop") == 2
     for n in range(40):
-        await redis.rpush(f"q{n}", "x")  # type: ignore[misc]
+        await redis.rpush(f"q{n}", "x")
     assert [r[0] for r in await asyncio.gather(*readers)] == [f"q{n}".encode() for n in range(40)]
     await bounded.aclose()
 
@@ -51,7 +51,7 @@ async def test_commands_packed_in_c_carry_any_bytes(redis_server: EmbeddedRedis)
 async def test_redis_errors_become_store_unavailable() -> None:
     nowhere = open_redis("redis://127.0.0.1:1", max_connections=1)
     with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1"), redis_errors():
-        await nowhere.ping()  # type: ignore[misc]
+        await nowhere.ping()
     await nowhere.aclose()
 
 

@@ -31,7 +31,7 @@ async def test_a_corrupt_record_is_kept_aside_and_the_user_goes_on(
     for user, blob in records.items():
         await redis.hset(
             keys.state_key(TenantId("acme"), UserId(user)), mapping={"rev": 3, "state": blob}
-        )  # type: ignore[misc]
+        )
     bob = await Client.connect(ws_url(node), make_token("bob"))
     await bob.request({"type": "subscribe", "users": ["mallory", "dora"]})
     producer = await Client.connect(ws_url(node), make_token("pbx", role="producer"))
@@ -54,7 +54,7 @@ async def test_a_corrupt_record_is_kept_aside_and_the_user_goes_on(
 
     # The bytes are kept for an operator, explain says what was lost, metrics count it.
     aside = keys.corrupt_key(TenantId("acme"), UserId("mallory"))
-    assert await redis.hget(aside, "raw") == garbage  # type: ignore[misc]
+    assert await redis.hget(aside, "raw") == garbage
     admin = {"Authorization": f"Bearer {make_token('ops', role='admin')}"}
     base = f"http://127.0.0.1:{node.http_port}"
     async with ClientSession() as http:
@@ -85,7 +85,7 @@ async def test_the_first_copy_is_kept_and_counted_once(redis: Redis) -> None:
     assert kept is not None
     assert kept["bytes"] == len(b"\x93first")
     assert kept["found_at"] == 1000.0
-    assert await redis.hget(keys.corrupt_key(acme, mallory), "raw") == b"\x93first"  # type: ignore[misc]
+    assert await redis.hget(keys.corrupt_key(acme, mallory), "raw") == b"\x93first"
     assert len(found) == 1
     assert await records.kept(acme, UserId("bob")) is None
     sound = serde.encode_state(model.UserState(manual="busy"))

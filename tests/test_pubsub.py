@@ -4,8 +4,7 @@ subscriptions, and listening again (with a call to say so) after Redis restarts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, cast
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -130,7 +129,7 @@ async def test_a_channel_dropped_while_it_listens_again_can_be_listened_to_once_
     await publisher.client_kill_filter(_type="pubsub")
     await eventually(lambda: not listener.ready)
     # Redis is busy for a second, while the listener connects again and subscribes.
-    holding = asyncio.ensure_future(cast(Awaitable[Any], busy.eval(BUSY, 0)))
+    holding = asyncio.ensure_future(busy.eval(BUSY, 0))
     await eventually(lambda: "redis" in listener._shards)
     listener.unsubscribe(["a"])  # its last watcher left meanwhile
     await asyncio.wait_for(holding, timeout(10))

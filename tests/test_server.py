@@ -161,7 +161,7 @@ async def test_a_change_is_answered_then_self_and_redis_carries_self_only_across
         # Before: only what the tablet's arrival published, never the change made here.
         assert all("web" in f["devices"] for f in published)
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 async def test_watchers_on_the_writing_node_get_a_change_at_commit_and_redis_only_across_nodes(

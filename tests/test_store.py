@@ -55,7 +55,7 @@ async def listening(redis: Redis, *channels: str) -> AsyncIterator[PubSub]:
     try:
         yield pubsub
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 async def next_frame(pubsub: PubSub) -> dict[str, Any]:
@@ -178,7 +178,7 @@ async def test_a_presence_frame_is_published_only_for_listeners_besides_the_comm
             assert (await next_frame(elsewhere))["message"] == "for the other node"
             assert (await next_frame(mine))["message"] == "for the other node"
 
-            await mine.aclose()  # type: ignore[no-untyped-call]
+            await mine.aclose()
             await store.apply(ACME, ALICE, MessageSet("after the node stopped listening"))
             assert (await next_frame(elsewhere))["message"] == "after the node stopped listening"
 

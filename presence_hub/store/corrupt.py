@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from presence_hub.errors import CorruptRecord
 from presence_hub.ids import TenantId, UserId
@@ -54,7 +54,7 @@ class CorruptRecords:
         state, lost = salvage_state(blob, rev)
         aside = keys.corrupt_key(tenant, user)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hsetnx(aside, "raw", blob)  # type: ignore[arg-type]  # bytes are fine
+            pipe.hsetnx(aside, "raw", blob)
             pipe.hsetnx(aside, "found_at", repr(self._clock()))
             pipe.hsetnx(aside, "lost", ",".join(lost))
             pipe.hsetnx(aside, "error", str(exc))
@@ -77,7 +77,7 @@ class CorruptRecords:
         """What was kept aside of the user's corrupt record, if any (for ``explain``)."""
         aside = keys.corrupt_key(tenant, user)
         with redis_errors():
-            found: dict[bytes, bytes] = await self._redis.hgetall(aside)  # type: ignore[misc]
+            found = cast("dict[bytes, bytes]", await self._redis.hgetall(aside))
         if not found:
             return None
         lost = found.get(b"lost", b"").decode()

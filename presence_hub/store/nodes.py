@@ -118,12 +118,12 @@ class NodeRegistry:
                     # it: the claim has just renewed it, and it is alive.
                     continue
                 index = _sessions_key(node)
-                sessions = cast("dict[bytes, bytes]", await self.redis.hgetall(index))  # type: ignore[misc]
+                sessions = cast("dict[bytes, bytes]", await self.redis.hgetall(index))
                 for raw_session, member in sessions.items():
                     session = raw_session.decode()
                     tenant, user = keys.parse_member(member.decode())
                     await store.apply(tenant, user, SessionExpired(SessionId(session)))
-                    await self.redis.hdel(index, session)  # type: ignore[misc]
+                    await self.redis.hdel(index, session)
                     expired += 1
                 await self._forget(node)
         return expired

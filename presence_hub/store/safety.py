@@ -43,7 +43,7 @@ async def _check_server(redis: RedisClient, name: str, safety: RedisSafety, **ro
         config = await redis.config_get("*", **route)
         policy = config.get("maxmemory-policy", SAFE_POLICY)
         aof = config.get("appendonly") == "yes"
-        rdb: bool | None = bool(config.get("save", "").strip())
+        rdb: bool | None = bool((config.get("save") or "").strip())
     except ResponseError:
         # CONFIG renamed or refused (managed services): INFO tells all but RDB's schedule.
         info = await redis.info("all", **route)
