@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import zlib
@@ -20,7 +19,7 @@ from presence_hub.events import MAX_EVENTS, apply_events
 from presence_hub.ids import UserId, are_valid_ids, is_valid_id
 from presence_hub.metrics import Metrics
 from presence_hub.store import PresenceStore
-from presence_hub.store.feed import POLL, Cursor, CursorExpired
+from presence_hub.store.feed import Cursor, CursorExpired
 from presence_hub.webhooks import Webhook, Webhooks
 
 
@@ -190,7 +189,7 @@ async def get_changes(request: web.Request) -> web.StreamResponse:
                 await response.write(b": keep-alive\n\n")
                 quiet_since = time.monotonic()
             if caught_up:
-                await asyncio.sleep(POLL)
+                await feed.wait()
     except (ConnectionResetError, StoreError):
         # The reader left, or Redis did: a reader resumes from its last event's id.
         pass

@@ -31,7 +31,7 @@ from presence_hub.errors import StoreError
 from presence_hub.ids import TenantId, UserId
 from presence_hub.metrics import Metrics
 from presence_hub.store.clients import RedisClient, redis_errors
-from presence_hub.store.feed import POLL, ChangeFeed, Cursor, CursorExpired
+from presence_hub.store.feed import ChangeFeed, Cursor, CursorExpired
 
 __all__ = ["WEBHOOKS_KEY", "Webhook", "WebhookDispatcher", "Webhooks"]
 
@@ -210,7 +210,7 @@ class WebhookDispatcher:
                 if position != after:
                     await self._move(hook, position)
                 if caught_up:
-                    await asyncio.sleep(POLL)
+                    await self.feed.wait()
                 continue
             batch = changes[:BATCH]
             error = await self._post(hook, http, batch)
@@ -237,7 +237,7 @@ class WebhookDispatcher:
                 attempt = min(attempt + 1, 16)
             await self._save_status(hook, status)
             if error is None and caught_up and len(batch) == len(changes):
-                await asyncio.sleep(POLL)
+                await self.feed.wait()
 
     async def _post(
         self, hook: Webhook, http: aiohttp.ClientSession, batch: list[Any]

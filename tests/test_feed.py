@@ -17,12 +17,16 @@ import pytest
 from aiohappyeyeballs import AddrInfoType
 from redis.asyncio import Redis
 
-from presence_hub.ids import TenantId, UserId
+from presence_hub.ids import SessionId, TenantId, UserId
+from presence_hub.model import MessageSet, SessionOpened
 from presence_hub.server import Node
-from presence_hub.store import EmbeddedRedis, keys
+from presence_hub.store import EmbeddedRedis, PresenceStore, keys
+from presence_hub.store import feed as feed_module
+from presence_hub.store.feed import Change, Cursor
 from tests.cluster import users_on_every_shard
 from tests.conftest import StartNode, make_token, ws_url
 from tests.processes import HubProcess
+from tests.utils import timeout
 from tests.wsclient import Client
 
 PRODUCER = {"Authorization": f"Bearer {make_token('crm', role='producer')}"}
@@ -282,7 +286,13 @@ async def test_a_reader_that_stops_reading_costs_the_hub_one_round_then_gets_eve
         # MB): 8 MB of events leave the hub's writes to it blocked.
         stalled = await small_buffered.get(f"{hub.http_url}/v1/changes", headers=producer)
         made = await calls(http, hub.http_url, "stall", users, posts=60)
-        before = await log_reads()
+        # Its only reader stalled, the node's tail stops reading (TAIL_IDLE).
+        async with asyncio.timeout(timeout(30)):
+            while True:
+                before = await log_reads()
+                await asyncio.sleep(0.5)
+                if await log_reads() == before:
+                    break
         # 8 MB more: a hub that read on to buffer them would read the log every round.
         made += await calls(http, hub.http_url, "stall", users, posts=60)
         assert await log_reads() - before <= 1
@@ -302,4 +312,100 @@ async def test_a_reader_that_stops_reading_costs_the_hub_one_round_then_gets_eve
         await small_buffered.close()
         await Client.close_all()
         hub.stop()
+        await redis.aclose()
+
+
+async def test_the_followers_of_a_node_share_one_read_of_the_log(
+    redis_server: EmbeddedRedis, start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
+    """Eight streams at the live edge cost Redis about what one does, and each gets
+    every change."""
+    node = await start_node()
+    redis = Redis.from_url(redis_server.url)
+
+    async def reads_in(seconds: float) -> int:
+        stats = await redis.info("commandstats")
+        before = int(stats.get("cmdstat_xread", {}).get("calls", 0))
+        await asyncio.sleep(seconds)
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_xread", {}).get("calls", 0)) - before
+
+    try:
+        first = await follow(http, node)
+        one = await reads_in(2.0)
+        streams = [first, *[await follow(http, node) for _ in range(7)]]
+        eight = await reads_in(2.0)
+        assert one > 0
+        assert eight < 2 * one, (one, eight)
+
+        alice = await Client.connect(ws_url(node), make_token("alice"))
+        for n in range(3):
+            await alice.request({"type": "set_message", "text": f"m{n}"})
+        for stream in streams:
+            events = await stream.until(lambda p: p["message"] == "m2")
+            assert [p["message"] for _, p in events if p["user"] == "alice"][-3:] == [
+                "m0",
+                "m1",
+                "m2",
+            ]
+    finally:
+        await Client.close_all()
+        await redis.aclose()
+
+
+async def test_a_reader_behind_the_tail_reads_redis_then_joins_it_without_a_gap(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feed_module, "TAIL_SPAN", 2.0)
+    redis = Redis.from_url(redis_server.url)
+    store = PresenceStore(redis)
+    feed = store.feed
+    acme, globex = TenantId("acme"), TenantId("globex")
+    users = [UserId(f"u{n}") for n in range(4)]
+    for tenant in (acme, globex):
+        for user in users:
+            await store.apply(tenant, user, SessionOpened(SessionId(f"s-{user}"), "desktop", "n"))
+
+    async def change(count: int, tag: str) -> None:
+        for n in range(count):
+            for tenant in (acme, globex):
+                await store.apply(tenant, users[n % 4], MessageSet(f"{tag}{n}"))
+
+    async def read_all(
+        read: Any, after: Cursor, wanted: list[UserId] | None = None
+    ) -> list[Change]:
+        got: list[Change] = []
+        async with asyncio.timeout(timeout(30)):
+            while True:
+                changes, after, caught_up = await read(acme, after, wanted)
+                got += changes
+                if caught_up:
+                    return got
+
+    try:
+        start = await feed.present()
+        await change(10, "early")
+        # A reader at the live edge starts the node's tail, which soon forgets what is
+        # older than its span: the early changes are Redis' only, the late ones held.
+        live = await feed.present()
+        for _ in range(40):
+            _, live, _ = await feed.read(acme, live)
+            await asyncio.sleep(0.1)
+        await change(10, "late")
+        await asyncio.sleep(0.05)  # past the watermark: every change can be read
+        await read_all(feed.read, live)
+
+        from_redis = await read_all(feed.read_redis, start)
+        assert len(from_redis) == 20
+        tail = feed._tail  # the case this test is about: the tail holds the late ones only
+        assert tail is not None
+        assert from_redis[9].cursor < tail.start < from_redis[10].cursor
+        assert await read_all(feed.read, start) == from_redis
+        # From an event's own cursor (a stream's Last-Event-ID), what follows it.
+        assert await read_all(feed.read, from_redis[15].cursor) == from_redis[16:]
+        assert await read_all(feed.read, start, [users[1]]) == [
+            c for c in from_redis if c.user == users[1]
+        ]
+    finally:
+        await store.stop()
         await redis.aclose()

@@ -9,10 +9,19 @@ servers: no entry at or below it can appear any more (a stream id is the server'
 time when it is appended), so a cursor handed out is never passed by a later
 entry, and resuming from it misses nothing. Per user, the order is the order of
 commits, that is of ``ver``.
+
+A round reads every partition, however few changed. So the readers of a node that
+are at the live edge, or a few seconds behind it, share one reader (``_Tail``) that
+holds those seconds in memory: a node with a hundred streams and webhooks following
+costs Redis one read a round, as one does. A reader further behind reads Redis
+itself until it catches up.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import contextlib
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -20,6 +29,7 @@ from typing import Any, Final, NamedTuple
 
 from redis.asyncio import RedisCluster
 
+from presence_hub.errors import StoreError
 from presence_hub.ids import TenantId, UserId
 from presence_hub.store import keys
 from presence_hub.store.clients import RedisClient, redis_errors
@@ -33,6 +43,13 @@ PAGE: Final = 32
 #: every partition, however few of them changed.
 POLL: Final = 0.05
 _MAX_SEQ: Final = 2**64 - 1
+#: Seconds of the feed a node's tail holds behind the live edge, and after how long
+#: without a reader it stops reading (a reader at the edge reads every POLL; one that
+#: waited longer for its own reader or webhook reads Redis once, and starts a tail anew).
+TAIL_SPAN: Final = 5.0
+TAIL_IDLE: Final = 2.0
+#: Changes of a tenant a reader is handed from the tail at a time, at most: a round's worth.
+_TAIL_ROUND: Final = PAGE * keys.PARTITIONS
 
 
 class CursorExpired(Exception):
@@ -87,6 +104,25 @@ class ChangeFeed:
         self.retention = retention
         self._clock = clock
         self._logs = keys.changes_logs()
+        self._tail: _Tail | None = None
+        self._stopped = False
+
+    async def stop(self) -> None:
+        """Stop the node's tail, if it runs; readers read Redis from now on."""
+        self._stopped = True
+        if self._tail is not None:
+            await self._tail.stop()
+            self._tail = None
+
+    async def wait(self) -> None:
+        """What a reader that has caught up waits for before its next read: the tail's
+        next round (at once when it read something), or POLL."""
+        tail = self._tail
+        if tail is None or not tail.running:
+            await asyncio.sleep(POLL)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(tail.next_round), 2 * POLL)
 
     async def present(self) -> Cursor:
         """The position of now: what follows it is what changes from now on."""
@@ -100,7 +136,25 @@ class ChangeFeed:
     async def read(
         self, tenant: TenantId, after: Cursor, users: Collection[UserId] | None = None
     ) -> Round:
-        """The tenant's changes (of ``users`` only, if given) after ``after``, in order."""
+        """The tenant's changes (of ``users`` only, if given) after ``after``, in order:
+        from the node's tail if it holds ``after``, else from Redis."""
+        tail = self._tail
+        if tail is not None and tail.running:
+            held = tail.read(tenant, after, users)
+            if held is not None:
+                return held
+        found = await self.read_redis(tenant, after, users)
+        tail = self._tail  # another reader may have started one meanwhile
+        if found.caught_up and (tail is None or not tail.running) and not self._stopped:
+            # A reader at the live edge: from now on the node's tail reads for it.
+            self._tail = _Tail(self, found.after)
+        return found
+
+    async def read_redis(
+        self, tenant: TenantId | None, after: Cursor, users: Collection[UserId] | None = None
+    ) -> Round:
+        """``read`` from Redis itself; every tenant's changes if ``tenant`` is None (each
+        change's user then reads ``tenant:user``)."""
         watermark = await self._watermark()
         if watermark <= after.ms:
             return Round([], after, caught_up=True)
@@ -116,7 +170,7 @@ class ChangeFeed:
             for partition, page in enumerate(entries)
             for entry_id, fields in page
         )
-        prefix = f"{tenant}:".encode()
+        prefix = b"" if tenant is None else f"{tenant}:".encode()
         wanted = None if users is None else {u.encode() for u in users}
         changes = []
         for cursor, fields in merged:
@@ -171,3 +225,93 @@ class ChangeFeed:
 def _cursor(entry_id: bytes, partition: int) -> Cursor:
     ms, _, seq = entry_id.partition(b"-")
     return Cursor(int(ms), int(seq), partition)
+
+
+class _Tail:
+    """A node's one reader of the feed's live edge, for all of the node's readers: it
+    holds every tenant's changes of the last ``TAIL_SPAN`` seconds, by tenant, and
+    hands a reader whose position lies in them the rest. Every change after ``start``
+    up to ``position`` is held. It stops after ``TAIL_IDLE`` seconds without a reader,
+    or at Redis' first error (its readers then read Redis, and meet the error)."""
+
+    def __init__(self, feed: ChangeFeed, start: Cursor) -> None:
+        self._feed = feed
+        self.start = start
+        self.position = start
+        self._caught_up = True
+        #: Tenant (as stored) -> its held changes' cursors, and the changes.
+        self._held: dict[bytes, tuple[list[Cursor], list[Change]]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._used = self._loop.time()
+        #: Done when the round under way ends (or the tail does).
+        self.next_round: asyncio.Future[None] = self._loop.create_future()
+        self._task = self._loop.create_task(self._run(), name="change feed tail")
+
+    @property
+    def running(self) -> bool:
+        return not self._task.done()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    def read(
+        self, tenant: TenantId, after: Cursor, users: Collection[UserId] | None
+    ) -> Round | None:
+        """What follows ``after`` for the tenant (and ``users``), or None if ``after``
+        is not held."""
+        if not self.start <= after <= self.position:
+            return None
+        self._used = self._loop.time()
+        cursors, changes = self._held.get(tenant.encode(), ([], []))
+        first = bisect.bisect_right(cursors, after)
+        last = min(len(cursors), first + _TAIL_ROUND)
+        if users is None:
+            found = changes[first:last]
+        else:
+            wanted = set(users)
+            found = [c for c in changes[first:last] if c.user in wanted]
+        if last < len(cursors):
+            return Round(found, cursors[last - 1], caught_up=False)
+        return Round(found, self.position, caught_up=self._caught_up)
+
+    async def _run(self) -> None:
+        try:
+            await self._follow()
+        finally:
+            self.next_round.set_result(None)
+
+    async def _follow(self) -> None:
+        trimmed = self._loop.time()
+        while self._loop.time() - self._used < TAIL_IDLE:
+            try:
+                found = await self._feed.read_redis(None, self.position)
+            except StoreError:
+                return
+            for change in found.changes:
+                tenant, _, user = change.user.partition(":")
+                cursors, changes = self._held.setdefault(tenant.encode(), ([], []))
+                cursors.append(change.cursor)
+                changes.append(Change(change.cursor, UserId(user), change.frame))
+            self.position, self._caught_up = found.after, found.caught_up
+            ended, self.next_round = self.next_round, self._loop.create_future()
+            ended.set_result(None)
+            if self._loop.time() - trimmed >= 1.0:
+                self._trim()
+                trimmed = self._loop.time()
+            if found.caught_up:
+                await asyncio.sleep(POLL)
+
+    def _trim(self) -> None:
+        """Forget what lies more than TAIL_SPAN behind the position (by Redis' clock)."""
+        cut = Cursor(self.position.ms - int(TAIL_SPAN * 1000), 0, 0)
+        if cut <= self.start:
+            return
+        for tenant, (cursors, changes) in list(self._held.items()):
+            gone = bisect.bisect_left(cursors, cut)
+            if gone == len(cursors):
+                del self._held[tenant]
+            elif gone:
+                del cursors[:gone], changes[:gone]
+        self.start = Cursor(cut.ms - 1, _MAX_SEQ, keys.PARTITIONS - 1)

@@ -172,10 +172,12 @@ class PresenceStore:
         self._refreshing: set[asyncio.Task[None]] = set()
 
     async def stop(self) -> None:
-        """End the re-reads of Self maps still under way (their node is stopping)."""
+        """End the re-reads of Self maps still under way (their node is stopping), and
+        the change feed's tail."""
         for task in self._refreshing:
             task.cancel()
         await asyncio.gather(*self._refreshing, return_exceptions=True)
+        await self.feed.stop()
 
     async def load(self, tenant: TenantId, user: UserId) -> UserState:
         with redis_errors():
