@@ -49,6 +49,9 @@ FIRST_RETRY: Final = 0.5
 LAST_RETRY: Final = 60.0
 #: Failures in a row from which a webhook is reported as failing.
 FAILING: Final = 5
+#: Seconds between two saves of a cursor that only moved past other changes: a node
+#: that takes a webhook over reads those again, and finds nothing to send.
+QUIET_SAVE: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,26 +192,37 @@ class WebhookDispatcher:
         status = Status(node=self.node)
         users = None if hook.users is None else [UserId(u) for u in hook.users]
         attempt = 0
+        loop = asyncio.get_running_loop()
+        #: The acknowledged position, as saved or newer: read once, then kept here.
+        after: Cursor | None = None
+        saved_at = loop.time()
         while True:
             try:
-                with redis_errors():
-                    raw = cast("bytes | None", await self.redis.get(_part(hook.key, "cursor")))
-                after = Cursor.parse(raw.decode()) if raw else await self.feed.present()
+                if after is None:
+                    with redis_errors():
+                        key = _part(hook.key, "cursor")
+                        raw = cast("bytes | None", await self.redis.get(key))
+                    after = Cursor.parse(raw.decode()) if raw else await self.feed.present()
                 self.feed.check(after)
                 changes, position, caught_up = await self.feed.read(
                     TenantId(hook.tenant), after, users
                 )
             except CursorExpired:
                 log.error("webhook %s fell behind the feed's retention: from now on", hook.key)
+                after = None
                 await self._move(hook, await self.feed.present())
                 continue
             except StoreError as exc:
                 log.warning("webhook %s paused: Redis unavailable (%s)", hook.key, exc)
+                after = None
                 await asyncio.sleep(1.0)
                 continue
             if not changes:
                 if position != after:
-                    await self._move(hook, position)
+                    after = position
+                    if loop.time() - saved_at >= QUIET_SAVE:
+                        await self._move(hook, position)
+                        saved_at = loop.time()
                 if caught_up:
                     await self.feed.wait()
                 continue
@@ -219,7 +233,9 @@ class WebhookDispatcher:
                 status.delivered += len(batch)
                 status.failures_in_a_row = 0
                 status.last_delivery_at = time.time()
-                await self._move(hook, batch[-1].cursor if len(batch) < len(changes) else position)
+                after = batch[-1].cursor if len(batch) < len(changes) else position
+                await self._move(hook, after)
+                saved_at = loop.time()
                 now = time.time()
                 for change in batch:
                     self.metrics.webhook_latency.labels(hook.key).observe(

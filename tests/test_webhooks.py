@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
 
 from presence_hub.client import HubError, PresenceClient
 from presence_hub.server import Node
@@ -188,6 +189,37 @@ async def test_every_change_reaches_the_webhook_signed_and_in_order(
     async with aiohttp.ClientSession() as http, http.get(f"{http_base(node)}/metrics") as r:
         metrics = await r.text()
     assert 'presence_hub_webhook_latency_seconds_count{webhook="acme/crm"}' in metrics
+
+
+async def test_a_quiet_webhook_costs_redis_little_and_still_gets_the_next_change(
+    start_node: StartNode, receiver: Receiver, redis_server: EmbeddedRedis
+) -> None:
+    """Following a quiet feed, a delivering node reads nothing of its webhook's cursor
+    and saves it about once a second, not once a round (twenty a second)."""
+    node = await start_node()
+    await register(node, receiver.url)
+    redis = Redis.from_url(redis_server.url)
+
+    async def calls(command: str) -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    try:
+        await asyncio.sleep(1.0)  # claimed, and following the feed
+        gets, sets = await calls("get"), await calls("set")
+        await asyncio.sleep(3.0)
+        # The claim's renewal reads its owner once every CLAIM / 3 = 3.3 s.
+        assert await calls("get") - gets <= 2
+        assert await calls("set") - sets <= 5
+
+        alice = await Client.connect(ws_url(node), make_token("alice"))
+        await alice.request({"type": "set_message", "text": "back from quiet"})
+        await eventually(
+            lambda: any(p["message"] == "back from quiet" for p in receiver.changes), wait=20
+        )
+    finally:
+        await Client.close_all()
+        await redis.aclose()
 
 
 async def test_a_receiver_that_fails_for_a_while_gets_everything(
