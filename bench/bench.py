@@ -93,15 +93,19 @@ def free_port() -> int:
         return port
 
 
-def wait_for_port(port: int, seconds: float = 30) -> None:
+def wait_for_port(
+    port: int, seconds: float = 30, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until something listens on ``port``; RuntimeError after ``seconds``, or once
+    ``process`` (the server meant to listen) exits."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), 1).close()
             return
         except OSError:
-            if time.monotonic() > deadline:
-                raise
+            if time.monotonic() > deadline or (process and process.poll() is not None):
+                raise RuntimeError(f"nothing listens on port {port}") from None
             time.sleep(0.05)
 
 
@@ -124,15 +128,7 @@ def hub(
         ]  # fmt: skip
         process = subprocess.Popen(args)
         try:
-            deadline = time.time() + wait
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", ws_port), 1).close()
-                    break
-                except OSError:
-                    if time.time() > deadline or process.poll() is not None:
-                        raise RuntimeError("the hub did not start") from None
-                    time.sleep(0.1)
+            wait_for_port(ws_port, wait, process)
             time.sleep(0.5)
             parent = psutil.Process(process.pid)
             # The hub's own processes: itself and its workers, not the embedded redis-server.
