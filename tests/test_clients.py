@@ -36,6 +36,14 @@ async def test_a_bounded_pool_makes_callers_wait_instead_of_failing(
     await bounded.aclose()
 
 
+async def test_a_read_waits_as_long_as_redis_takes(own_redis_server: EmbeddedRedis) -> None:
+    """The hub's connections are not cut while Redis is quiet (the listener's may be for
+    hours): redis-py 8 on its own would give up a read after 5 s."""
+    client = open_redis(own_redis_server.url)
+    assert await client.blpop(["nothing comes"], timeout=6) is None
+    await client.aclose()
+
+
 async def test_commands_packed_in_c_carry_any_bytes(redis_server: EmbeddedRedis) -> None:
     client = open_redis(redis_server.url)
     value = bytes(range(256)) * 4

@@ -121,8 +121,7 @@ class ChangeFeed:
         if tail is None or not tail.running:
             await asyncio.sleep(POLL)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(tail.next_round), 2 * POLL)
+        await asyncio.wait([tail.next_round], timeout=2 * POLL)
 
     async def present(self) -> Cursor:
         """The position of now: what follows it is what changes from now on."""
