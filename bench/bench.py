@@ -468,8 +468,9 @@ def wakeup_floor(sleeper: str, rate: float = 10, seconds: float = 20) -> float:
     finally:
         process.kill()
         process.wait()
-    # A sleeper that never woke (a machine too busy to run it) has no such cost.
-    return round(cost["cpu_ms_per_s"] * 1000 / max(cost["wakeups_per_s"], 0.05), 1)
+    if not cost["wakeups_per_s"]:
+        raise RuntimeError(f"the {sleeper} sleeper never woke: the machine is too busy")
+    return round(cost["cpu_ms_per_s"] * 1000 / cost["wakeups_per_s"], 1)
 
 
 #: A server that answers each byte a client sends once Redis answered a PING for it,
