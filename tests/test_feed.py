@@ -8,7 +8,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +77,32 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def follow(
-    http: aiohttp.ClientSession, node: Node, query: str = "", **headers: str
-) -> Stream:
-    response = await http.get(f"{base(node)}/v1/changes{query}", headers={**PRODUCER, **headers})
-    assert response.status == 200, await response.text()
-    assert response.content_type == "text/event-stream"
-    return Stream(response)
+Follow = Callable[..., Awaitable[Stream]]
+
+
+@pytest.fixture
+async def follow(http: aiohttp.ClientSession) -> AsyncIterator[Follow]:
+    """``await follow(node, query, **headers)`` opens a stream; each is closed after the test."""
+    opened: list[Stream] = []
+
+    async def open_stream(node: Node, query: str = "", **headers: str) -> Stream:
+        url = f"{base(node)}/v1/changes{query}"
+        response = await http.get(url, headers={**PRODUCER, **headers})
+        opened.append(Stream(response))
+        assert response.status == 200, await response.text()
+        assert response.content_type == "text/event-stream"
+        return opened[-1]
+
+    yield open_stream
+    for stream in opened:
+        stream.response.close()
 
 
 async def test_every_visible_change_in_ver_order_and_nothing_invisible(
-    start_node: StartNode, http: aiohttp.ClientSession
+    start_node: StartNode, follow: Follow
 ) -> None:
     node = await start_node()
-    stream = await follow(http, node)
+    stream = await follow(node)
     alice = await Client.connect(ws_url(node), make_token("alice"))
     bob = await Client.connect(ws_url(node), make_token("bob"))
     ghost = await Client.connect(ws_url(node), make_token("ghost"))
@@ -121,10 +133,10 @@ async def test_every_visible_change_in_ver_order_and_nothing_invisible(
 
 
 async def test_a_reader_that_resumes_from_its_last_id_misses_nothing(
-    start_node: StartNode, http: aiohttp.ClientSession
+    start_node: StartNode, follow: Follow
 ) -> None:
     node = await start_node()
-    stream = await follow(http, node, "?users=carol")
+    stream = await follow(node, "?users=carol")
     carol = await Client.connect(ws_url(node), make_token("carol"))
     await carol.request({"type": "set_message", "text": "one"})
     seen = await stream.until(lambda p: p["message"] == "one")
@@ -133,28 +145,26 @@ async def test_a_reader_that_resumes_from_its_last_id_misses_nothing(
     for text in ("two", "three", "four"):
         await carol.request({"type": "set_message", "text": text})
 
-    resumed = await follow(http, node, "?users=carol", **{"Last-Event-ID": last_id})
+    resumed = await follow(node, "?users=carol", **{"Last-Event-ID": last_id})
     after = await resumed.until(lambda p: p["message"] == "four")
     assert [p["message"] for _, p in after] == ["two", "three", "four"]
     assert after[0][1]["ver"] == seen[-1][1]["ver"] + 1
     # ?after= does the same.
-    again = await follow(http, node, f"?users=carol&after={last_id}")
+    again = await follow(node, f"?users=carol&after={last_id}")
     assert [p["message"] for _, p in await again.until(lambda p: p["message"] == "four")] == [
         "two",
         "three",
         "four",
     ]
-    resumed.response.close()
-    again.response.close()
 
 
 async def test_without_a_cursor_the_stream_starts_at_the_present(
-    start_node: StartNode, http: aiohttp.ClientSession
+    start_node: StartNode, follow: Follow
 ) -> None:
     node = await start_node()
     dave = await Client.connect(ws_url(node), make_token("dave"))
     await dave.request({"type": "set_message", "text": "before"})
-    stream = await follow(http, node, "?users=dave")
+    stream = await follow(node, "?users=dave")
     await dave.request({"type": "set_message", "text": "after"})
     events = await stream.until(lambda p: p["message"] == "after")
     assert [p["message"] for _, p in events] == ["after"]
@@ -187,10 +197,10 @@ async def test_bad_cursors_roles_and_a_feed_turned_off(
 
 
 async def test_on_a_cluster_the_feed_covers_users_on_every_shard(
-    start_cluster_node: StartNode, http: aiohttp.ClientSession
+    start_cluster_node: StartNode, follow: Follow
 ) -> None:
     node = await start_cluster_node()
-    stream = await follow(http, node)
+    stream = await follow(node)
     users = users_on_every_shard()
     clients = [await Client.connect(ws_url(node), make_token(u)) for u in users]
     for client in clients:
@@ -274,18 +284,20 @@ async def test_a_reader_that_stops_reading_costs_the_hub_one_round_then_gets_eve
 
     try:
         await hub.ready()
-        users = [f"s{n}" for n in range(1000)]
+        users = [f"s{n}" for n in range(200)]
         # An offline user's calls change nothing that observers see. Each client reads
         # on (no flow control), so that it answers the hub's pings however long its
-        # own updates go unread, and stays online.
+        # own updates go unread, and stays online. The longest message makes each
+        # event over 3 KB (JSON escapes each of these characters in 12 bytes).
         for user in users:
-            await Client.connect(hub.url, make_token(user, tenant="stall"), max_queue=None)
+            client = await Client.connect(hub.url, make_token(user, tenant="stall"), max_queue=None)
+            await client.request({"type": "set_message", "text": "\N{HEADPHONE}" * 280})
         producer = {"Authorization": f"Bearer {make_token('crm', tenant='stall', role='producer')}"}
         # aiohttp stops reading a response nobody reads once its buffer is full, then the
         # sockets' buffers fill (the receiver's kept small here; the hub's may grow to 4
-        # MB): 8 MB of events leave the hub's writes to it blocked.
+        # MB): 9 MB of events leave the hub's writes to it blocked.
         stalled = await small_buffered.get(f"{hub.http_url}/v1/changes", headers=producer)
-        made = await calls(http, hub.http_url, "stall", users, posts=60)
+        made = await calls(http, hub.http_url, "stall", users, posts=14)
         # Its only reader stalled, the node's tail stops reading (TAIL_IDLE).
         async with asyncio.timeout(timeout(30)):
             while True:
@@ -293,8 +305,8 @@ async def test_a_reader_that_stops_reading_costs_the_hub_one_round_then_gets_eve
                 await asyncio.sleep(0.5)
                 if await log_reads() == before:
                     break
-        # 8 MB more: a hub that read on to buffer them would read the log every round.
-        made += await calls(http, hub.http_url, "stall", users, posts=60)
+        # 9 MB more: a hub that read on to buffer them would read the log every round.
+        made += await calls(http, hub.http_url, "stall", users, posts=14)
         assert await log_reads() - before <= 1
 
         # Read at last, the stalled reader gets every change, each user's in ver order.
@@ -316,7 +328,7 @@ async def test_a_reader_that_stops_reading_costs_the_hub_one_round_then_gets_eve
 
 
 async def test_the_followers_of_a_node_share_one_read_of_the_log(
-    redis_server: EmbeddedRedis, start_node: StartNode, http: aiohttp.ClientSession
+    redis_server: EmbeddedRedis, start_node: StartNode, follow: Follow
 ) -> None:
     """Eight streams at the live edge cost Redis about what one does, and each gets
     every change."""
@@ -331,9 +343,9 @@ async def test_the_followers_of_a_node_share_one_read_of_the_log(
         return int(stats.get("cmdstat_xread", {}).get("calls", 0)) - before
 
     try:
-        first = await follow(http, node)
+        first = await follow(node)
         one = await reads_in(2.0)
-        streams = [first, *[await follow(http, node) for _ in range(7)]]
+        streams = [first, *[await follow(node) for _ in range(7)]]
         eight = await reads_in(2.0)
         assert one > 0
         assert eight < 2 * one, (one, eight)
