@@ -7,8 +7,9 @@
     bench/bench.py connect     10,000 clients connect and subscribe to 50 contacts each,
                                against a hub of one worker process, then of two
     bench/bench.py idle        10,000 idle connections: hub memory per connection; the CPU and
-                               wake-ups a second of a hub without connections, and the CPU of
-                               one wake-up of an asyncio loop and of an epoll that only sleep
+                               wake-ups a second of a hub without connections, then with 1,000
+                               quiet webhooks; the CPU of one wake-up of an asyncio loop and
+                               of an epoll that only sleep
     bench/bench.py cores       1,000 changes per second with --workers 1, 2, and 2 on a relay
                                (the workers' CPU a delivery, the relay's a change apart)
     bench/bench.py nodes       one node, two nodes on one Redis, two on a 3-master Redis Cluster
@@ -279,12 +280,14 @@ class WebhookReceiver:
 
         self._loop.run_until_complete(main())
 
-    def register(self, http: str) -> None:
+    def register(self, http: str, name: str = "bench", users: list[str] | None = None) -> None:
         admin = issue_token(SECRET, tenant=TENANT, user="bench-admin", role="admin")
-        body = json.dumps({"url": f"http://127.0.0.1:{self.port}/hook", "secret": "b" * 32})
+        hook: dict[str, Any] = {"url": f"http://127.0.0.1:{self.port}/hook", "secret": "b" * 32}
+        if users is not None:
+            hook["users"] = users
         request = urllib.request.Request(
-            f"{http}/v1/webhooks/bench",
-            data=body.encode(),
+            f"{http}/v1/webhooks/{name}",
+            data=json.dumps(hook).encode(),
             method="PUT",
             headers={"Authorization": f"Bearer {admin}", "Content-Type": "application/json"},
         )
@@ -563,13 +566,19 @@ def floor() -> dict[str, Any]:
     }
 
 
-def idle(count: int = 10000) -> dict[str, Any]:
+def idle(count: int = 10000, webhooks: int = 1000) -> dict[str, Any]:
     """Memory per connection; and the CPU and wake-ups of a node without any, beside
-    those of a loop that only sleeps."""
+    those of a loop that only sleeps; and with ``webhooks`` registered that nothing
+    is delivered to (each follows a user who never changes)."""
     floors = {name: wakeup_floor(name) for name in SLEEPERS}
     with hub() as (ws, http, procs):
         time.sleep(5)  # past the start's own work
         alone = quiet_cost(procs, 20)
+        receiver = WebhookReceiver()
+        for n in range(webhooks):
+            receiver.register(http, f"quiet-{n}", users=["nobody"])
+        time.sleep(5)  # every webhook claimed, its delivery waiting
+        hooked = quiet_cost(procs, 20)
         before = sum(p.memory_info().rss for p in procs)
         report = loadtest(
             ws, http, procs, "--clients", str(count), "--contacts", "0", "--rate", "0",
@@ -584,6 +593,8 @@ def idle(count: int = 10000) -> dict[str, Any]:
             "errors": report["errors"],
             "hub_without_connections_cpu_ms_per_s": alone["cpu_ms_per_s"],
             "hub_without_connections_wakeups_per_s": alone["wakeups_per_s"],
+            f"hub_with_{webhooks}_quiet_webhooks_cpu_ms_per_s": hooked["cpu_ms_per_s"],
+            f"hub_with_{webhooks}_quiet_webhooks_wakeups_per_s": hooked["wakeups_per_s"],
             "sleeping_asyncio_cpu_us_per_wakeup": floors["asyncio"],
             "sleeping_epoll_cpu_us_per_wakeup": floors["epoll"],
         }

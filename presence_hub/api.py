@@ -189,7 +189,7 @@ async def get_changes(request: web.Request) -> web.StreamResponse:
                 await response.write(b": keep-alive\n\n")
                 quiet_since = time.monotonic()
             if caught_up:
-                await feed.wait()
+                await feed.wait(claims.tenant, after)
     except (ConnectionResetError, StoreError):
         # The reader left, or Redis did: a reader resumes from its last event's id.
         pass

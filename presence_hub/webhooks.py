@@ -49,9 +49,6 @@ FIRST_RETRY: Final = 0.5
 LAST_RETRY: Final = 60.0
 #: Failures in a row from which a webhook is reported as failing.
 FAILING: Final = 5
-#: Seconds between two saves of a cursor that only moved past other changes: a node
-#: that takes a webhook over reads those again, and finds nothing to send.
-QUIET_SAVE: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +139,10 @@ class WebhookDispatcher:
         self.node = node
         self.metrics = metrics
         self._delivering: dict[str, asyncio.Task[None]] = {}
+        #: Webhook -> the cursor its delivery moved on to past other changes only, not
+        #: yet saved: the claim round saves it with the renewal, so that a node taking
+        #: over starts near it, and a quiet webhook costs no round trip of its own.
+        self._quiet: dict[str, Cursor] = {}
 
     async def run(self) -> None:
         """Claim and deliver until cancelled; survives Redis outages."""
@@ -163,39 +164,55 @@ class WebhookDispatcher:
                 await asyncio.gather(*self._delivering.values(), return_exceptions=True)
 
     async def _claim_round(self, http: aiohttp.ClientSession) -> None:
+        """Renew this node's claims and take the lapsed ones: two pipelines, however many
+        webhooks there are (a round trip each would cost a node a wake-up a webhook)."""
         hooks = {h.key: h for h in await self.webhooks.all()}
         for key, task in list(self._delivering.items()):
             if key not in hooks or task.done():
                 task.cancel()
                 del self._delivering[key]
-        for key, hook in hooks.items():
-            owner = _part(key, "owner")
-            with redis_errors():
-                if key in self._delivering:
-                    held = await self.redis.get(owner)
-                    if held == self.node.encode():
-                        await self.redis.pexpire(owner, int(CLAIM * 1000))
-                        continue
-                    # Lost it (this node stalled past its claim): stop, another delivers.
-                    self._delivering.pop(key).cancel()
-                    continue
-                claimed = await self.redis.set(owner, self.node, nx=True, px=int(CLAIM * 1000))
-                # Its own claim, from a delivery that ended (Redis went away under it).
-                if not claimed and await self.redis.get(owner) != self.node.encode():
-                    continue
-            log.info("node %s delivers webhook %s", self.node, key)
-            self._delivering[key] = asyncio.create_task(
-                self._deliver(hook, http), name=f"webhook {key}"
-            )
+        mine = self.node.encode()
+        claim_ms = int(CLAIM * 1000)
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in hooks:
+                    pipe.get(_part(key, "owner"))
+                holders: dict[str, bytes | None] = dict(
+                    zip(hooks, await pipe.execute(), strict=True)
+                )
+            # Its own claims, renewed; one whose delivery ended (Redis went away under
+            # it) is delivered again.
+            renewed = [key for key, holder in holders.items() if holder == mine]
+            lapsed = [key for key, holder in holders.items() if holder is None]
+            quiet = {key: self._quiet[key] for key in renewed if key in self._quiet}
+            self._quiet.clear()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in lapsed:
+                    pipe.set(_part(key, "owner"), self.node, nx=True, px=claim_ms)
+                for key in renewed:
+                    pipe.pexpire(_part(key, "owner"), claim_ms)
+                for key, cursor in quiet.items():
+                    pipe.set(_part(key, "cursor"), str(cursor))
+                replies = await pipe.execute()
+        taken = [key for key, ok in zip(lapsed, replies[: len(lapsed)], strict=True) if ok]
+        for key, task in list(self._delivering.items()):
+            if holders[key] != mine and key not in taken:
+                # Lost it (this node stalled past its claim): stop, another delivers.
+                task.cancel()
+                del self._delivering[key]
+        for key in renewed + taken:
+            if key not in self._delivering:
+                log.info("node %s delivers webhook %s", self.node, key)
+                self._delivering[key] = asyncio.create_task(
+                    self._deliver(hooks[key], http), name=f"webhook {key}"
+                )
 
     async def _deliver(self, hook: Webhook, http: aiohttp.ClientSession) -> None:
         status = Status(node=self.node)
         users = None if hook.users is None else [UserId(u) for u in hook.users]
         attempt = 0
-        loop = asyncio.get_running_loop()
         #: The acknowledged position, as saved or newer: read once, then kept here.
         after: Cursor | None = None
-        saved_at = loop.time()
         while True:
             try:
                 if after is None:
@@ -219,12 +236,9 @@ class WebhookDispatcher:
                 continue
             if not changes:
                 if position != after:
-                    after = position
-                    if loop.time() - saved_at >= QUIET_SAVE:
-                        await self._move(hook, position)
-                        saved_at = loop.time()
+                    after = self._quiet[hook.key] = position
                 if caught_up:
-                    await self.feed.wait()
+                    await self.feed.wait(TenantId(hook.tenant), after)
                 continue
             batch = changes[:BATCH]
             error = await self._post(hook, http, batch)
@@ -235,7 +249,6 @@ class WebhookDispatcher:
                 status.last_delivery_at = time.time()
                 after = batch[-1].cursor if len(batch) < len(changes) else position
                 await self._move(hook, after)
-                saved_at = loop.time()
                 now = time.time()
                 for change in batch:
                     self.metrics.webhook_latency.labels(hook.key).observe(
@@ -253,7 +266,7 @@ class WebhookDispatcher:
                 attempt = min(attempt + 1, 16)
             await self._save_status(hook, status)
             if error is None and caught_up and len(batch) == len(changes):
-                await self.feed.wait()
+                await self.feed.wait(TenantId(hook.tenant), after)
 
     async def _post(
         self, hook: Webhook, http: aiohttp.ClientSession, batch: list[Any]
@@ -281,6 +294,7 @@ class WebhookDispatcher:
             return f"{type(exc).__name__}: {exc}"[:200]
 
     async def _move(self, hook: Webhook, cursor: Cursor) -> None:
+        self._quiet.pop(hook.key, None)  # older
         with redis_errors():
             await self.redis.set(_part(hook.key, "cursor"), str(cursor))
 

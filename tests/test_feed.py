@@ -17,6 +17,7 @@ import pytest
 from aiohappyeyeballs import AddrInfoType
 from redis.asyncio import Redis
 
+from presence_hub import codec
 from presence_hub.ids import SessionId, TenantId, UserId
 from presence_hub.model import MessageSet, SessionOpened
 from presence_hub.server import Node
@@ -418,6 +419,41 @@ async def test_a_reader_behind_the_tail_reads_redis_then_joins_it_without_a_gap(
         assert await read_all(feed.read, start, [users[1]]) == [
             c for c in from_redis if c.user == users[1]
         ]
+    finally:
+        await store.stop()
+        await redis.aclose()
+
+
+async def test_a_reader_waits_for_its_own_tenants_changes_only(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers of a quiet tenant sleep through the other tenants' changes: a node with a
+    thousand quiet webhooks is not woken a thousand times a round."""
+    monkeypatch.setattr(feed_module, "QUIET_WAIT", 600.0)
+    redis = Redis.from_url(redis_server.url)
+    store = PresenceStore(redis)
+    feed = store.feed
+    acme, globex = TenantId("acme"), TenantId("globex")
+    alice = UserId("alice")
+    try:
+        for tenant in (acme, globex):
+            await store.apply(tenant, alice, SessionOpened(SessionId("s"), "desktop", "n"))
+        async with asyncio.timeout(timeout(30)):
+            caught_up = False
+            after = await feed.present()
+            while not caught_up:  # at the live edge: the node's tail reads for it
+                _, after, caught_up = await feed.read(acme, after)
+        waiting = asyncio.create_task(feed.wait(acme, after))
+        await store.apply(globex, alice, MessageSet("elsewhere"))
+        async with asyncio.timeout(timeout(30)):
+            while not (await feed.read(globex, after)).changes:
+                await feed.wait(globex, after)
+        await asyncio.sleep(10 * feed_module.POLL)  # rounds after it, all quiet
+        assert not waiting.done()
+        await store.apply(acme, alice, MessageSet("here"))
+        await asyncio.wait_for(waiting, timeout(30))
+        changes, _, _ = await feed.read(acme, after)
+        assert [codec.unpack(c.frame)["message"] for c in changes] == ["here"]
     finally:
         await store.stop()
         await redis.aclose()

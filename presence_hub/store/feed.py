@@ -44,10 +44,14 @@ PAGE: Final = 32
 POLL: Final = 0.05
 _MAX_SEQ: Final = 2**64 - 1
 #: Seconds of the feed a node's tail holds behind the live edge, and after how long
-#: without a reader it stops reading (a reader at the edge reads every POLL; one that
-#: waited longer for its own reader or webhook reads Redis once, and starts a tail anew).
+#: without a reader it stops reading (a reader at the edge waits for its tenant's
+#: changes; one that waited longer for its own reader or webhook reads Redis once, and
+#: starts a tail anew).
 TAIL_SPAN: Final = 5.0
 TAIL_IDLE: Final = 2.0
+#: The longest a reader at the tail waits while its tenant does not change: it then
+#: moves its position on, well within what the tail holds (TAIL_SPAN).
+QUIET_WAIT: Final = 2.0
 #: Changes of a tenant a reader is handed from the tail at a time, at most: a round's worth.
 _TAIL_ROUND: Final = PAGE * keys.PARTITIONS
 
@@ -114,14 +118,15 @@ class ChangeFeed:
             await self._tail.stop()
             self._tail = None
 
-    async def wait(self) -> None:
-        """What a reader that has caught up waits for before its next read: the tail's
-        next round (at once when it read something), or POLL."""
+    async def wait(self, tenant: TenantId, after: Cursor) -> None:
+        """What a reader that has caught up at ``after`` waits for before its next read:
+        the tenant's next changes at the node's tail (at most QUIET_WAIT), else POLL.
+        Readers of a quiet tenant are not woken by the others' changes."""
         tail = self._tail
         if tail is None or not tail.running:
             await asyncio.sleep(POLL)
             return
-        await asyncio.wait([tail.next_round], timeout=2 * POLL)
+        await tail.wait(tenant, after)
 
     async def present(self) -> Cursor:
         """The position of now: what follows it is what changes from now on."""
@@ -221,6 +226,11 @@ class ChangeFeed:
         return min(int(seconds) * 1000 + int(micros) // 1000 for seconds, micros in clocks) - 1
 
 
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
+
+
 def _cursor(entry_id: bytes, partition: int) -> Cursor:
     ms, _, seq = entry_id.partition(b"-")
     return Cursor(int(ms), int(seq), partition)
@@ -242,8 +252,10 @@ class _Tail:
         self._held: dict[bytes, tuple[list[Cursor], list[Change]]] = {}
         self._loop = asyncio.get_running_loop()
         self._used = self._loop.time()
-        #: Done when the round under way ends (or the tail does).
-        self.next_round: asyncio.Future[None] = self._loop.create_future()
+        #: Tenant (as stored) -> its readers' futures, done when a round brings it
+        #: changes (or the tail ends).
+        self._waiting: dict[bytes, set[asyncio.Future[None]]] = {}
+        self._waiters = 0
         self._task = self._loop.create_task(self._run(), name="change feed tail")
 
     @property
@@ -275,27 +287,50 @@ class _Tail:
             return Round(found, cursors[last - 1], caught_up=False)
         return Round(found, self.position, caught_up=self._caught_up)
 
+    async def wait(self, tenant: TenantId, after: Cursor) -> None:
+        key = tenant.encode()
+        cursors, _ = self._held.get(key, ([], []))
+        if cursors and cursors[-1] > after:
+            return  # changes came while the reader was busy
+        # A future of its own: thousands of readers of one tenant time out each alone.
+        woken = self._loop.create_future()
+        self._waiting.setdefault(key, set()).add(woken)
+        timer = self._loop.call_later(QUIET_WAIT, _wake, woken)
+        self._waiters += 1
+        try:
+            await woken
+        finally:
+            self._waiters -= 1
+            timer.cancel()
+            self._waiting.get(key, set()).discard(woken)
+
     async def _run(self) -> None:
         try:
             await self._follow()
         finally:
-            self.next_round.set_result(None)
+            for waiting in self._waiting.values():
+                for woken in waiting:
+                    _wake(woken)
 
     async def _follow(self) -> None:
         trimmed = self._loop.time()
-        while self._loop.time() - self._used < TAIL_IDLE:
+        while self._waiters or self._loop.time() - self._used < TAIL_IDLE:
             try:
                 found = await self._feed.read_redis(None, self.position)
             except StoreError:
                 return
+            changed: set[bytes] = set()
             for change in found.changes:
                 tenant, _, user = change.user.partition(":")
-                cursors, changes = self._held.setdefault(tenant.encode(), ([], []))
+                key = tenant.encode()
+                cursors, changes = self._held.setdefault(key, ([], []))
                 cursors.append(change.cursor)
                 changes.append(Change(change.cursor, UserId(user), change.frame))
+                changed.add(key)
             self.position, self._caught_up = found.after, found.caught_up
-            ended, self.next_round = self.next_round, self._loop.create_future()
-            ended.set_result(None)
+            for key in changed:
+                for woken in self._waiting.pop(key, ()):
+                    _wake(woken)
             if self._loop.time() - trimmed >= 1.0:
                 self._trim()
                 trimmed = self._loop.time()
