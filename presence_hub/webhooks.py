@@ -38,6 +38,9 @@ __all__ = ["WEBHOOKS_KEY", "Webhook", "WebhookDispatcher", "Webhooks"]
 log = logging.getLogger(__name__)
 
 WEBHOOKS_KEY: Final = "ph:webhooks"
+#: The nodes that deliver webhooks (node -> until when, renewed each claim round):
+#: each claims about its share of the webhooks.
+DISPATCHERS_KEY: Final = "ph:webhook-nodes"
 #: Changes in one delivery.
 BATCH: Final = 500
 #: PROTOCOL.md: a 2xx answer within 10 seconds acknowledges a batch.
@@ -143,6 +146,8 @@ class WebhookDispatcher:
         #: yet saved: the claim round saves it with the renewal, so that a node taking
         #: over starts near it, and a quiet webhook costs no round trip of its own.
         self._quiet: dict[str, Cursor] = {}
+        #: Webhooks lapsed at the last round that this node left for the others.
+        self._lapsed: set[str] = set()
 
     async def run(self) -> None:
         """Claim and deliver until cancelled; survives Redis outages."""
@@ -164,8 +169,10 @@ class WebhookDispatcher:
                 await asyncio.gather(*self._delivering.values(), return_exceptions=True)
 
     async def _claim_round(self, http: aiohttp.ClientSession) -> None:
-        """Renew this node's claims and take the lapsed ones: two pipelines, however many
-        webhooks there are (a round trip each would cost a node a wake-up a webhook)."""
+        """Renew this node's claims, take lapsed ones up to its share (the webhooks over
+        the nodes that deliver), and hand back what it holds beyond that, for a node
+        that came up since: two pipelines, however many webhooks there are (a round
+        trip each would cost a node a wake-up a webhook)."""
         hooks = {h.key: h for h in await self.webhooks.all()}
         for key, task in list(self._delivering.items()):
             if key not in hooks or task.done():
@@ -173,28 +180,45 @@ class WebhookDispatcher:
                 del self._delivering[key]
         mine = self.node.encode()
         claim_ms = int(CLAIM * 1000)
+        now = time.time()
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(DISPATCHERS_KEY, {self.node: now + CLAIM})
+                pipe.zremrangebyscore(DISPATCHERS_KEY, "-inf", now)
+                pipe.zcard(DISPATCHERS_KEY)
                 for key in hooks:
                     pipe.get(_part(key, "owner"))
-                holders: dict[str, bytes | None] = dict(
-                    zip(hooks, await pipe.execute(), strict=True)
-                )
+                _, _, dispatchers, *held = await pipe.execute()
+            holders: dict[str, bytes | None] = dict(zip(hooks, held, strict=True))
+            share = -(-len(hooks) // max(1, dispatchers))
             # Its own claims, renewed; one whose delivery ended (Redis went away under
             # it) is delivered again.
             renewed = [key for key, holder in holders.items() if holder == mine]
+            handed = renewed[share + 1 :]  # one over its share is no reason to move
+            renewed = renewed[: len(renewed) - len(handed)]
             lapsed = [key for key, holder in holders.items() if holder is None]
-            quiet = {key: self._quiet[key] for key in renewed if key in self._quiet}
+            # Up to its share; one lapsed a whole round already, whatever the share.
+            room = max(0, share - len(renewed))
+            wanted = [k for n, k in enumerate(lapsed) if n < room or k in self._lapsed]
+            self._lapsed = set(lapsed) - set(wanted)
+            quiet = {key: self._quiet[key] for key in renewed + handed if key in self._quiet}
             self._quiet.clear()
+            for key in handed:
+                if key in self._delivering:
+                    self._delivering.pop(key).cancel()
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key in lapsed:
+                for key in wanted:
                     pipe.set(_part(key, "owner"), self.node, nx=True, px=claim_ms)
-                for key in renewed:
-                    pipe.pexpire(_part(key, "owner"), claim_ms)
                 for key, cursor in quiet.items():
                     pipe.set(_part(key, "cursor"), str(cursor))
+                for key in renewed:
+                    pipe.pexpire(_part(key, "owner"), claim_ms)
+                for key in handed:
+                    pipe.delete(_part(key, "owner"))
                 replies = await pipe.execute()
-        taken = [key for key, ok in zip(lapsed, replies[: len(lapsed)], strict=True) if ok]
+        if handed:
+            log.info("node %s hands %d webhooks back to the others", self.node, len(handed))
+        taken = [key for key, ok in zip(wanted, replies[: len(wanted)], strict=True) if ok]
         for key, task in list(self._delivering.items()):
             if holders[key] != mine and key not in taken:
                 # Lost it (this node stalled past its claim): stop, another delivers.

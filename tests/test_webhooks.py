@@ -440,3 +440,55 @@ async def test_many_webhooks_are_each_delivered_by_one_node(
     assert messages() == len(names)
     owners = await redis.mget([f"ph:webhook:acme/{name}:owner" for name in names])
     assert set(owners) <= {first.id.encode(), second.id.encode()}
+
+
+async def test_webhooks_spread_over_the_nodes_and_some_move_to_one_that_joins(
+    start_node: StartNode, receiver: Receiver, redis: Any
+) -> None:
+    first = await start_node()
+    names = [f"crm-{n}" for n in range(12)]
+    for name in names:
+        await register(first, receiver.url, name=name)
+    owners = [f"ph:webhook:acme/{name}:owner" for name in names]
+
+    async def held_by_each() -> dict[bytes | None, int]:
+        held: dict[bytes | None, int] = {}
+        for owner in await redis.mget(owners):
+            held[owner] = held.get(owner, 0) + 1
+        return held
+
+    async with asyncio.timeout(timeout(30)):  # the only node takes them all
+        while await held_by_each() != {first.id.encode(): len(names)}:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    second = await start_node()
+    # Half each, give or take one: the first hands back what the second takes.
+    async with asyncio.timeout(timeout(30)):
+        while (await held_by_each()).get(second.id.encode(), 0) < 5:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    assert await held_by_each() in (
+        {first.id.encode(): 6, second.id.encode(): 6},
+        {first.id.encode(): 7, second.id.encode(): 5},
+    )
+    alice = await Client.connect(ws_url(second), make_token("alice"))
+    await alice.request({"type": "set_message", "text": "spread"})
+    await eventually(
+        lambda: sum(p["message"] == "spread" for p in receiver.changes) >= len(names), 30
+    )
+
+
+async def test_a_webhook_left_unclaimed_for_a_round_is_taken_beyond_the_share(
+    start_node: StartNode, receiver: Receiver, redis: Any
+) -> None:
+    # A node counted among those that deliver but gone (its entry lasts a claim).
+    await redis.zadd("ph:webhook-nodes", {"gone": time.time() + 600})
+    node = await start_node()
+    names = [f"crm-{n}" for n in range(4)]
+    for name in names:
+        await register(node, receiver.url, name=name)
+    owners = [f"ph:webhook:acme/{name}:owner" for name in names]
+    try:
+        async with asyncio.timeout(timeout(30)):
+            while await redis.mget(owners) != [node.id.encode()] * len(names):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    finally:
+        await redis.zrem("ph:webhook-nodes", "gone")
