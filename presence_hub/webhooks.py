@@ -38,6 +38,8 @@ __all__ = ["WEBHOOKS_KEY", "Webhook", "WebhookDispatcher", "Webhooks"]
 log = logging.getLogger(__name__)
 
 WEBHOOKS_KEY: Final = "ph:webhooks"
+#: Seconds a stopping node spends at most handing its webhooks back.
+HAND_BACK: Final = 2.0
 #: The nodes that deliver webhooks (node -> until when, renewed each claim round):
 #: each claims about its share of the webhooks.
 DISPATCHERS_KEY: Final = "ph:webhook-nodes"
@@ -167,6 +169,31 @@ class WebhookDispatcher:
                 for task in self._delivering.values():
                     task.cancel()
                 await asyncio.gather(*self._delivering.values(), return_exceptions=True)
+                await self._hand_back()
+
+    async def _hand_back(self) -> None:
+        """As the node stops: its claims, its quiet cursors and its place among the
+        nodes that deliver, so that the others take its webhooks over at their next
+        round rather than once its claims lapse. At most HAND_BACK seconds."""
+        held = list(self._delivering)
+        mine = self.node.encode()
+        with contextlib.suppress(StoreError, TimeoutError):
+            async with asyncio.timeout(HAND_BACK):
+                with redis_errors():
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for key in held:
+                            pipe.get(_part(key, "owner"))
+                        holders = await pipe.execute()
+                    still = [
+                        key for key, holder in zip(held, holders, strict=True) if holder == mine
+                    ]
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.zrem(DISPATCHERS_KEY, self.node)
+                        for key in still:
+                            if key in self._quiet:
+                                pipe.set(_part(key, "cursor"), str(self._quiet[key]))
+                            pipe.delete(_part(key, "owner"))
+                        await pipe.execute()
 
     async def _claim_round(self, http: aiohttp.ClientSession) -> None:
         """Renew this node's claims, take lapsed ones up to its share (the webhooks over

@@ -492,3 +492,28 @@ async def test_a_webhook_left_unclaimed_for_a_round_is_taken_beyond_the_share(
                 await asyncio.sleep(0.1)
     finally:
         await redis.zrem("ph:webhook-nodes", "gone")
+
+
+async def test_a_node_that_stops_hands_its_webhooks_to_the_others_at_once(
+    start_node: StartNode, receiver: Receiver, redis: Any
+) -> None:
+    first, second = await start_node(), await start_node()
+    names = [f"crm-{n}" for n in range(4)]
+    for n, name in enumerate(names):
+        await register(first if n % 2 else second, receiver.url, name=name)
+    owners = [f"ph:webhook:acme/{name}:owner" for name in names]
+    async with asyncio.timeout(timeout(30)):
+        while None in await redis.mget(owners):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
+    await first.stop()
+    # Nothing of it left to wait out: the claims it held are free for the second.
+    assert first.id.encode() not in await redis.mget(owners)
+    async with asyncio.timeout(timeout(30)):
+        while await redis.mget(owners) != [second.id.encode()] * len(names):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    alice = await Client.connect(ws_url(second), make_token("alice"))
+    await alice.request({"type": "set_message", "text": "after the stop"})
+    await eventually(
+        lambda: sum(p["message"] == "after the stop" for p in receiver.changes) >= len(names), 30
+    )
