@@ -457,3 +457,44 @@ async def test_a_reader_waits_for_its_own_tenants_changes_only(
     finally:
         await store.stop()
         await redis.aclose()
+
+
+async def test_a_quiet_tenants_reader_reads_on_from_the_tail_however_long_it_waited(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tail forgets what is older than its span tenant by tenant: a reader whose
+    tenant did not change meanwhile still reads at the tail, one whose tenant's
+    changes were forgotten reads Redis."""
+    monkeypatch.setattr(feed_module, "TAIL_SPAN", 1.0)
+    redis = Redis.from_url(redis_server.url)
+    store = PresenceStore(redis)
+    feed = store.feed
+    acme, globex = TenantId("acme"), TenantId("globex")
+    alice = UserId("alice")
+    try:
+        for tenant in (acme, globex):
+            await store.apply(tenant, alice, SessionOpened(SessionId("s"), "desktop", "n"))
+        async with asyncio.timeout(timeout(30)):
+            caught_up = False
+            quiet = await feed.present()
+            while not caught_up:  # at the live edge: the node's tail reads for it
+                _, quiet, caught_up = await feed.read(acme, quiet)
+        await store.apply(globex, alice, MessageSet("soon forgotten"))
+        busy = quiet
+        tail = feed._tail
+        assert tail is not None
+        # globex's change falls out of the tail's span, while globex's reader reads on.
+        async with asyncio.timeout(timeout(30)):
+            while tail.read(globex, busy, None) is not None:
+                await feed.read(globex, await feed.present())
+                await asyncio.sleep(0.1)
+        assert tail.running
+        assert tail.read(acme, quiet, None) is not None
+        await store.apply(acme, alice, MessageSet("after a long quiet"))
+        async with asyncio.timeout(timeout(30)):
+            while not (found := await feed.read(acme, quiet)).changes:
+                await feed.wait(acme, quiet)
+        assert [codec.unpack(c.frame)["message"] for c in found.changes] == ["after a long quiet"]
+    finally:
+        await store.stop()
+        await redis.aclose()

@@ -49,9 +49,10 @@ _MAX_SEQ: Final = 2**64 - 1
 #: starts a tail anew).
 TAIL_SPAN: Final = 5.0
 TAIL_IDLE: Final = 2.0
-#: The longest a reader at the tail waits while its tenant does not change: it then
-#: moves its position on, well within what the tail holds (TAIL_SPAN).
-QUIET_WAIT: Final = 2.0
+#: The longest a reader at the tail waits while its tenant does not change: its
+#: position then moves on (a webhook's saved cursor with it), and a stream may write
+#: its keep-alive.
+QUIET_WAIT: Final = 10.0
 #: Changes of a tenant a reader is handed from the tail at a time, at most: a round's worth.
 _TAIL_ROUND: Final = PAGE * keys.PARTITIONS
 
@@ -240,8 +241,10 @@ class _Tail:
     """A node's one reader of the feed's live edge, for all of the node's readers: it
     holds every tenant's changes of the last ``TAIL_SPAN`` seconds, by tenant, and
     hands a reader whose position lies in them the rest. Every change after ``start``
-    up to ``position`` is held. It stops after ``TAIL_IDLE`` seconds without a reader,
-    or at Redis' first error (its readers then read Redis, and meet the error)."""
+    up to ``position`` is held, but for each tenant those up to its newest forgotten
+    one: so a quiet tenant's reader, however long it waited, reads on from the tail.
+    It stops after ``TAIL_IDLE`` seconds without a reader, or at Redis' first error
+    (its readers then read Redis, and meet the error)."""
 
     def __init__(self, feed: ChangeFeed, start: Cursor) -> None:
         self._feed = feed
@@ -250,6 +253,8 @@ class _Tail:
         self._caught_up = True
         #: Tenant (as stored) -> its held changes' cursors, and the changes.
         self._held: dict[bytes, tuple[list[Cursor], list[Change]]] = {}
+        #: Tenant (as stored) -> the newest of its changes the tail no longer holds.
+        self._forgotten: dict[bytes, Cursor] = {}
         self._loop = asyncio.get_running_loop()
         self._used = self._loop.time()
         #: Tenant (as stored) -> its readers' futures, done when a round brings it
@@ -274,8 +279,12 @@ class _Tail:
         is not held."""
         if not self.start <= after <= self.position:
             return None
+        key = tenant.encode()
+        forgotten = self._forgotten.get(key)
+        if forgotten is not None and forgotten > after:
+            return None
         self._used = self._loop.time()
-        cursors, changes = self._held.get(tenant.encode(), ([], []))
+        cursors, changes = self._held.get(key, ([], []))
         first = bisect.bisect_right(cursors, after)
         last = min(len(cursors), first + _TAIL_ROUND)
         if users is None:
@@ -340,12 +349,11 @@ class _Tail:
     def _trim(self) -> None:
         """Forget what lies more than TAIL_SPAN behind the position (by Redis' clock)."""
         cut = Cursor(self.position.ms - int(TAIL_SPAN * 1000), 0, 0)
-        if cut <= self.start:
-            return
         for tenant, (cursors, changes) in list(self._held.items()):
             gone = bisect.bisect_left(cursors, cut)
+            if gone:
+                self._forgotten[tenant] = cursors[gone - 1]
             if gone == len(cursors):
                 del self._held[tenant]
             elif gone:
                 del cursors[:gone], changes[:gone]
-        self.start = Cursor(cut.ms - 1, _MAX_SEQ, keys.PARTITIONS - 1)
