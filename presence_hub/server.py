@@ -144,6 +144,7 @@ class Node:
         if self.settings.feed_retention > 0:
             dispatcher = WebhookDispatcher(self.webhooks, self.id, self.metrics)
             self._tasks.append(asyncio.create_task(dispatcher.run(), name="webhooks"))
+            await asyncio.wait_for(dispatcher.first_round.wait(), 30)
         self._tasks.append(asyncio.create_task(self._keep_lease(), name="lease"))
         self._tasks.append(
             asyncio.create_task(

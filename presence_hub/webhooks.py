@@ -148,6 +148,9 @@ class WebhookDispatcher:
         #: yet saved: the claim round saves it with the renewal, so that a node taking
         #: over starts near it, and a quiet webhook costs no round trip of its own.
         self._quiet: dict[str, Cursor] = {}
+        #: Set once the first claim round is over (the node counts among those that
+        #: deliver, unless Redis failed it).
+        self.first_round = asyncio.Event()
         #: Webhooks lapsed at the last round that this node left for the others.
         self._lapsed: set[str] = set()
 
@@ -161,6 +164,7 @@ class WebhookDispatcher:
                         await self._claim_round(http)
                     except StoreError as exc:
                         log.warning("webhooks paused: Redis unavailable (%s)", exc)
+                    self.first_round.set()
                     added = self.webhooks.added
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(added.wait(), CLAIM / 3)
