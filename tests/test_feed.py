@@ -424,77 +424,75 @@ async def test_a_reader_behind_the_tail_reads_redis_then_joins_it_without_a_gap(
         await redis.aclose()
 
 
+@pytest.fixture
+async def store(redis_server: EmbeddedRedis) -> AsyncIterator[PresenceStore]:
+    redis = Redis.from_url(redis_server.url)
+    store = PresenceStore(redis)
+    yield store
+    await store.stop()
+    await redis.aclose()
+
+
+async def at_the_live_edge(store: PresenceStore, reader: TenantId, other: TenantId) -> Cursor:
+    """alice online in both tenants, and a reader of ``reader`` at the feed's live edge,
+    where the node's tail reads for it: its cursor."""
+    for tenant in (reader, other):
+        await store.apply(tenant, UserId("alice"), SessionOpened(SessionId("s"), "desktop", "n"))
+    async with asyncio.timeout(timeout(30)):
+        caught_up = False
+        after = await store.feed.present()
+        while not caught_up:
+            _, after, caught_up = await store.feed.read(reader, after)
+    return after
+
+
 async def test_a_reader_waits_for_its_own_tenants_changes_only(
-    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    store: PresenceStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Readers of a quiet tenant sleep through the other tenants' changes: a node with a
     thousand quiet webhooks is not woken a thousand times a round."""
     monkeypatch.setattr(feed_module, "QUIET_WAIT", 600.0)
-    redis = Redis.from_url(redis_server.url)
-    store = PresenceStore(redis)
     feed = store.feed
     acme, globex = TenantId("acme"), TenantId("globex")
     alice = UserId("alice")
-    try:
-        for tenant in (acme, globex):
-            await store.apply(tenant, alice, SessionOpened(SessionId("s"), "desktop", "n"))
-        async with asyncio.timeout(timeout(30)):
-            caught_up = False
-            after = await feed.present()
-            while not caught_up:  # at the live edge: the node's tail reads for it
-                _, after, caught_up = await feed.read(acme, after)
-        waiting = asyncio.create_task(feed.wait(acme, after))
-        await store.apply(globex, alice, MessageSet("elsewhere"))
-        async with asyncio.timeout(timeout(30)):
-            while not (await feed.read(globex, after)).changes:
-                await feed.wait(globex, after)
-        await asyncio.sleep(10 * feed_module.POLL)  # rounds after it, all quiet
-        assert not waiting.done()
-        await store.apply(acme, alice, MessageSet("here"))
-        await asyncio.wait_for(waiting, timeout(30))
-        changes, _, _ = await feed.read(acme, after)
-        assert [codec.unpack(c.frame)["message"] for c in changes] == ["here"]
-    finally:
-        await store.stop()
-        await redis.aclose()
+    after = await at_the_live_edge(store, acme, globex)
+    waiting = asyncio.create_task(feed.wait(acme, after))
+    await store.apply(globex, alice, MessageSet("elsewhere"))
+    async with asyncio.timeout(timeout(30)):
+        while not (await feed.read(globex, after)).changes:
+            await feed.wait(globex, after)
+    await asyncio.sleep(10 * feed_module.POLL)  # rounds after it, all quiet
+    assert not waiting.done()
+    await store.apply(acme, alice, MessageSet("here"))
+    await asyncio.wait_for(waiting, timeout(30))
+    changes, _, _ = await feed.read(acme, after)
+    assert [codec.unpack(c.frame)["message"] for c in changes] == ["here"]
 
 
 async def test_a_quiet_tenants_reader_reads_on_from_the_tail_however_long_it_waited(
-    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    store: PresenceStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The tail forgets what is older than its span tenant by tenant: a reader whose
     tenant did not change meanwhile still reads at the tail, one whose tenant's
     changes were forgotten reads Redis."""
     monkeypatch.setattr(feed_module, "TAIL_SPAN", 1.0)
-    redis = Redis.from_url(redis_server.url)
-    store = PresenceStore(redis)
     feed = store.feed
     acme, globex = TenantId("acme"), TenantId("globex")
     alice = UserId("alice")
-    try:
-        for tenant in (acme, globex):
-            await store.apply(tenant, alice, SessionOpened(SessionId("s"), "desktop", "n"))
-        async with asyncio.timeout(timeout(30)):
-            caught_up = False
-            quiet = await feed.present()
-            while not caught_up:  # at the live edge: the node's tail reads for it
-                _, quiet, caught_up = await feed.read(acme, quiet)
-        await store.apply(globex, alice, MessageSet("soon forgotten"))
-        busy = quiet
-        tail = feed._tail
-        assert tail is not None
-        # globex's change falls out of the tail's span, while globex's reader reads on.
-        async with asyncio.timeout(timeout(30)):
-            while tail.read(globex, busy, None) is not None:
-                await feed.read(globex, await feed.present())
-                await asyncio.sleep(0.1)
-        assert tail.running
-        assert tail.read(acme, quiet, None) is not None
-        await store.apply(acme, alice, MessageSet("after a long quiet"))
-        async with asyncio.timeout(timeout(30)):
-            while not (found := await feed.read(acme, quiet)).changes:
-                await feed.wait(acme, quiet)
-        assert [codec.unpack(c.frame)["message"] for c in found.changes] == ["after a long quiet"]
-    finally:
-        await store.stop()
-        await redis.aclose()
+    quiet = await at_the_live_edge(store, acme, globex)
+    await store.apply(globex, alice, MessageSet("soon forgotten"))
+    tail = feed._tail
+    assert tail is not None
+    # globex's change falls out of the tail's span (a reader of globex from the same
+    # cursor must now read Redis), while another reader keeps the tail going.
+    async with asyncio.timeout(timeout(30)):
+        while tail.read(globex, quiet, None) is not None:
+            await feed.read(globex, await feed.present())
+            await asyncio.sleep(0.1)
+    assert tail.running
+    assert tail.read(acme, quiet, None) is not None
+    await store.apply(acme, alice, MessageSet("after a long quiet"))
+    async with asyncio.timeout(timeout(30)):
+        while not (found := await feed.read(acme, quiet)).changes:
+            await feed.wait(acme, quiet)
+    assert [codec.unpack(c.frame)["message"] for c in found.changes] == ["after a long quiet"]

@@ -125,6 +125,14 @@ async def register(
         return answer
 
 
+async def register_on_each(receiver: Receiver, nodes: list[Node], count: int) -> list[str]:
+    """``count`` webhooks to ``receiver``, registered on each node in turn: their names."""
+    names = [f"crm-{n}" for n in range(count)]
+    for n, name in enumerate(names):
+        await register(nodes[n % len(nodes)], receiver.url, name=name)
+    return names
+
+
 async def truth(node: Node | HubProcess, users: list[str]) -> dict[str, dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as http,
@@ -426,9 +434,7 @@ async def test_many_webhooks_are_each_delivered_by_one_node(
     start_node: StartNode, receiver: Receiver, redis: Any
 ) -> None:
     first, second = await start_node(), await start_node()
-    names = [f"crm-{n}" for n in range(40)]
-    for n, name in enumerate(names):
-        await register(first if n % 2 else second, receiver.url, name=name)
+    names = await register_on_each(receiver, [first, second], 40)
     alice = await Client.connect(ws_url(second), make_token("alice"))
     await alice.request({"type": "set_message", "text": "to every webhook"})
 
@@ -498,9 +504,7 @@ async def test_a_node_that_stops_hands_its_webhooks_to_the_others_at_once(
     start_node: StartNode, receiver: Receiver, redis: Any
 ) -> None:
     first, second = await start_node(), await start_node()
-    names = [f"crm-{n}" for n in range(4)]
-    for n, name in enumerate(names):
-        await register(first if n % 2 else second, receiver.url, name=name)
+    names = await register_on_each(receiver, [first, second], 4)
     owners = [f"ph:webhook:acme/{name}:owner" for name in names]
     async with asyncio.timeout(timeout(30)):
         while None in await redis.mget(owners):  # noqa: ASYNC110
