@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 import aiohttp
 
@@ -33,7 +33,7 @@ from presence_hub.metrics import Metrics
 from presence_hub.store.clients import RedisClient, redis_errors
 from presence_hub.store.feed import ChangeFeed, Cursor, CursorExpired
 
-__all__ = ["WEBHOOKS_KEY", "Webhook", "WebhookDispatcher", "Webhooks"]
+__all__ = ["WEBHOOKS_KEY", "Plan", "Webhook", "WebhookDispatcher", "Webhooks", "plan_claims"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,33 @@ class Webhooks:
         return status
 
 
+class Plan(NamedTuple):
+    """A claim round's moves: the claims a node renews, hands back and tries to take,
+    and the lapsed webhooks it leaves to the others this round."""
+
+    renew: list[str]
+    hand_back: list[str]
+    take: list[str]
+    left: set[str]
+
+
+def plan_claims(
+    holders: dict[str, bytes | None], mine: bytes, dispatchers: int, left_before: set[str]
+) -> Plan:
+    """``holders``: each webhook's claim holder (None: lapsed). A node renews its own
+    claims (one whose delivery ended is delivered again) up to its share of the
+    webhooks, the webhooks over the ``dispatchers``, and one more; it hands back the
+    rest. It takes lapsed webhooks up to its share, and any it left to the others a
+    round before (``left_before``): one that nobody took is taken whatever the share."""
+    share = -(-len(holders) // max(1, dispatchers))
+    own = [key for key, holder in holders.items() if holder == mine]
+    kept = own[: share + 1]  # one over its share is no reason to move
+    lapsed = [key for key, holder in holders.items() if holder is None]
+    room = max(0, share - len(kept))
+    take = [key for n, key in enumerate(lapsed) if n < room or key in left_before]
+    return Plan(kept, own[len(kept) :], take, set(lapsed) - set(take))
+
+
 class WebhookDispatcher:
     """A node's side of the deliveries: claims webhooks nobody delivers, and delivers
     each it holds from a task of its own."""
@@ -151,7 +178,7 @@ class WebhookDispatcher:
         #: Set once the first claim round is over (the node counts among those that
         #: deliver, unless Redis failed it).
         self.first_round = asyncio.Event()
-        #: Webhooks lapsed at the last round that this node left for the others.
+        #: Lapsed webhooks this node left to the others at its last round.
         self._lapsed: set[str] = set()
 
     async def run(self) -> None:
@@ -200,10 +227,9 @@ class WebhookDispatcher:
                         await pipe.execute()
 
     async def _claim_round(self, http: aiohttp.ClientSession) -> None:
-        """Renew this node's claims, take lapsed ones up to its share (the webhooks over
-        the nodes that deliver), and hand back what it holds beyond that, for a node
-        that came up since: two pipelines, however many webhooks there are (a round
-        trip each would cost a node a wake-up a webhook)."""
+        """Count this node among those that deliver, and make ``plan_claims``'s moves:
+        two pipelines, however many webhooks there are (a round trip each would cost
+        a node a wake-up a webhook)."""
         hooks = {h.key: h for h in await self.webhooks.all()}
         for key, task in list(self._delivering.items()):
             if key not in hooks or task.done():
@@ -221,17 +247,9 @@ class WebhookDispatcher:
                     pipe.get(_part(key, "owner"))
                 _, _, dispatchers, *held = await pipe.execute()
             holders: dict[str, bytes | None] = dict(zip(hooks, held, strict=True))
-            share = -(-len(hooks) // max(1, dispatchers))
-            # Its own claims, renewed; one whose delivery ended (Redis went away under
-            # it) is delivered again.
-            renewed = [key for key, holder in holders.items() if holder == mine]
-            handed = renewed[share + 1 :]  # one over its share is no reason to move
-            renewed = renewed[: len(renewed) - len(handed)]
-            lapsed = [key for key, holder in holders.items() if holder is None]
-            # Up to its share; one lapsed a whole round already, whatever the share.
-            room = max(0, share - len(renewed))
-            wanted = [k for n, k in enumerate(lapsed) if n < room or k in self._lapsed]
-            self._lapsed = set(lapsed) - set(wanted)
+            renewed, handed, wanted, self._lapsed = plan_claims(
+                holders, mine, dispatchers, self._lapsed
+            )
             quiet = {key: self._quiet[key] for key in renewed + handed if key in self._quiet}
             self._quiet.clear()
             for key in handed:

@@ -23,6 +23,7 @@ from presence_hub.client import HubError, PresenceClient
 from presence_hub.server import Node
 from presence_hub.signature import HEADER, verify
 from presence_hub.store import EmbeddedRedis
+from presence_hub.webhooks import Plan, plan_claims
 from tests.cluster import users_on_every_shard
 from tests.conftest import StartNode, make_token, ws_url
 from tests.processes import HubProcess
@@ -521,3 +522,18 @@ async def test_a_node_that_stops_hands_its_webhooks_to_the_others_at_once(
     await eventually(
         lambda: sum(p["message"] == "after the stop" for p in receiver.changes) >= len(names), 30
     )
+
+
+def test_a_node_claims_its_share_and_hands_back_what_lies_beyond_it() -> None:
+    a, b = b"a", b"b"
+    # Six webhooks, two nodes: a holds five, so it keeps its share and one, and hands
+    # one back; it takes no lapsed one, its share being full.
+    holders = {"w0": a, "w1": a, "w2": a, "w3": a, "w4": a, "w5": None}
+    assert plan_claims(holders, a, 2, set()) == Plan(["w0", "w1", "w2", "w3"], ["w4"], [], {"w5"})
+    # b, with one of three, takes the lapsed up to its share; one left a round before
+    # is taken anyway.
+    holders = {"w0": a, "w1": a, "w2": b, "w3": None, "w4": None, "w5": None}
+    assert plan_claims(holders, b, 2, set()) == Plan(["w2"], [], ["w3", "w4"], {"w5"})
+    assert plan_claims(holders, a, 2, {"w5"}) == Plan(["w0", "w1"], [], ["w3", "w5"], {"w4"})
+    # Alone, or before any node counted itself: every webhook is its share.
+    assert plan_claims({"w0": None, "w1": b}, a, 0, set()) == Plan([], [], ["w0"], set())

@@ -43,11 +43,11 @@ PAGE: Final = 32
 #: every partition, however few of them changed.
 POLL: Final = 0.05
 _MAX_SEQ: Final = 2**64 - 1
-#: Seconds of the feed a node's tail holds behind the live edge, and after how long
-#: without a reader it stops reading (a reader at the edge waits for its tenant's
-#: changes; one that waited longer for its own reader or webhook reads Redis once, and
-#: starts a tail anew).
+#: Seconds of changes a node's tail holds behind the live edge.
 TAIL_SPAN: Final = 5.0
+#: Seconds after which a tail that no reader read or waited on stops: a reader back
+#: from a longer wait on its own stream or webhook reads Redis once, and starts a
+#: tail anew.
 TAIL_IDLE: Final = 2.0
 #: The longest a reader at the tail waits while its tenant does not change: its
 #: position then moves on (a webhook's saved cursor with it), and a stream may write
